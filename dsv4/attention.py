@@ -1,0 +1,129 @@
+"""DeepSeek V4 attention (window-only, CSA, HCA) and the dense causal baseline.
+
+V4 layer, for input x [B, S, d] (dsv4-attention.md §3-§6):
+  q path   c_q = q_norm(wq_a x); q = wq_b c_q -> [B, S, H, c]; per-head RMS norm (no gain); RoPE tail
+  K=V      kv = kv_norm(wkv x) -> [B, S, c]; RoPE tail. One head shared by every query head, key = value
+  entries  compressor(x) -> [B, N, c] (CSA: ratio 4, overlapping; HCA: ratio r, non-overlapping)
+  picks    CSA only: lightning indexer -> top-k entries per query (causal mask before top-k)
+  softmax  one softmax over window rows + compressed entries (all visible / top-k) + the sink
+  output   de-rotate the RoPE tail at -t; grouped low-rank projection wo_a (g groups) then wo_b
+
+Attention phases for CSA layers (set from the training schedule):
+  "dense"           attend to every visible compressed entry; indexer idle
+  "indexer_warmup"  attention as "dense"; the indexer learns from the dense KL loss
+  "sparse"          attend to the indexer's top-k; the indexer learns from the sparse KL loss
+This module knows nothing of DeepSpeed or process groups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.compressor import Compressor, Indexer
+from dsv4.config import CSA_RATIO, ModelConfig
+from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
+from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
+from dsv4.ops.v4_attention import v4_attention
+from dsv4.rope import Rotary
+
+PHASES = ("dense", "indexer_warmup", "sparse")
+
+
+class AttentionOptions:
+    """Runtime choices that do not change parameters: backend, chunking, CSA phase."""
+
+    def __init__(self, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse") -> None:
+        self.backend, self.chunk_size, self.phase = backend, chunk_size, phase
+
+
+class V4Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
+        super().__init__()
+        self.cfg, self.options = cfg, options
+        self.kind = cfg.layer_kind(layer_idx)
+        self.ratio = cfg.compress_ratios[layer_idx] if self.kind in ("csa", "hca") else 0
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.softmax_scale = cfg.head_dim ** -0.5  # no YaRN temperature anywhere
+        if self.ratio:
+            self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
+        else:
+            self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta, None)
+
+        self.wq_a = Linear(cfg.hidden_size, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.num_attention_heads * cfg.head_dim)
+        self.wkv = Linear(cfg.hidden_size, cfg.head_dim)
+        self.kv_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        heads_per_group = cfg.num_attention_heads // cfg.o_groups
+        self.wo_a = GroupedLinear(cfg.o_groups, heads_per_group * cfg.head_dim, cfg.o_lora_rank)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.num_attention_heads, dtype=torch.float32))
+        if self.ratio:
+            self.compressor = Compressor(cfg.hidden_size, cfg.head_dim, self.ratio,
+                                         overlap=self.ratio == CSA_RATIO, eps=cfg.rms_norm_eps)
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg, self.ratio)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: [B, S, d]; positions: [S] absolute positions (start_pos + arange(S)).
+        Returns (output [B, S, d], indexer loss or None)."""
+        cfg, opts = self.cfg, self.options
+        batch, seq_len, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x))  # [B, S, d_c]
+        q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
+        q = rms_normalize(q, cfg.rms_norm_eps)  # per head, no gain
+        q = self.rotary(q, positions)
+        kv = self.rotary(self.kv_norm(self.wkv(x)), positions)  # [B, S, c]
+
+        compressed = None
+        topk_idx = None
+        index = None
+        if self.ratio:
+            compressed = self.compressor(x, self.rotary, start_pos)  # [B, N, c]
+            if compressed.shape[1] == 0:
+                compressed = None
+        if self.kind == "csa" and compressed is not None and opts.phase in ("indexer_warmup", "sparse"):
+            index = self.indexer(x, q_latent, self.rotary, positions, start_pos)
+            if opts.phase == "sparse":
+                topk_idx = indexer_topk(*index, ratio=self.ratio, topk=cfg.index_topk, backend=opts.backend,
+                                        chunk_size=opts.chunk_size)
+
+        out, lse = v4_attention(q, kv, self.attn_sink, cfg.sliding_window, self.softmax_scale,
+                                compressed_kv=compressed, ratio=self.ratio, topk_idx=topk_idx,
+                                backend=opts.backend, chunk_size=opts.chunk_size)  # [B, S, H, c]
+
+        indexer_loss = None
+        if index is not None and self.training:
+            indexer_loss = indexer_kl_loss(q, compressed, lse, *index, ratio=self.ratio,
+                                           softmax_scale=self.softmax_scale, topk_idx=topk_idx,
+                                           backend=opts.backend, chunk_size=opts.chunk_size)
+
+        out = self.rotary(out, positions, inverse=True)  # de-rotate at the query position
+        out = out.reshape(batch, seq_len, cfg.o_groups, -1)  # consecutive heads per group
+        return self.wo_b(self.wo_a(out)), indexer_loss
+
+
+class DenseAttention(nn.Module):
+    """Plain causal GQA attention through SDPA (compress_ratios entry -1), the comparison baseline."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.resolved_dense_head_dim
+        self.wq = Linear(cfg.hidden_size, self.n_heads * self.head_dim)
+        self.wk = Linear(cfg.hidden_size, self.n_kv * self.head_dim)
+        self.wv = Linear(cfg.hidden_size, self.n_kv * self.head_dim)
+        self.wo = Linear(self.n_heads * self.head_dim, cfg.hidden_size)
+        self.rotary = Rotary(self.head_dim, cfg.rope_theta, None)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, None]:
+        batch, seq_len, _ = x.shape
+        q = self.rotary(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), positions)
+        k = self.rotary(self.wk(x).view(batch, seq_len, self.n_kv, self.head_dim), positions)
+        v = self.wv(x).view(batch, seq_len, self.n_kv, self.head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1)), None

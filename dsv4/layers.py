@@ -1,0 +1,75 @@
+"""Small building blocks shared by the attention and the decoder.
+
+Every parameter is read inside the forward of the module that owns it: under ZeRO-3 a parameter
+is only materialised while its own module runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable gain, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation over the last dim with no gain (V4's per-head query norm)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """Bias-free linear layer."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+
+class Fp32Linear(Linear):
+    """Linear layer computed in fp32 whatever the parameter dtype (the compressor's projections)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class GroupedLinear(nn.Module):
+    """V4's grouped low-rank output projection `wo_a`: group j of the input maps through its own matrix.
+
+    weight: [groups * out_per_group, in_per_group], viewed as [groups, out_per_group, in_per_group]
+    (the released checkpoint's layout). Input [..., groups, in_per_group] -> output [..., groups * out_per_group].
+    """
+
+    def __init__(self, groups: int, in_per_group: int, out_per_group: int) -> None:
+        super().__init__()
+        self.groups, self.out_per_group = groups, out_per_group
+        self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.view(self.groups, self.out_per_group, -1)
+        return torch.einsum("...gi,goi->...go", x, w.to(x.dtype)).flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP (w2(silu(w1 x) * w3 x)); DeepSeek's naming."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = Linear(dim, hidden)
+        self.w2 = Linear(hidden, dim)
+        self.w3 = Linear(dim, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -1,0 +1,38 @@
+"""Lightning indexer ops: causal top-k selection and the auxiliary KL loss.
+
+    indexer_topk(index_q, index_k, weights, ratio, topk) -> topk_idx [B, S, min(topk, N)] (-1 = no key)
+    indexer_kl_loss(q, compressed_kv, lse, index_q, index_k, weights, ratio, softmax_scale, topk_idx=None)
+
+Shapes: index_q [B, S, n_I, c_I] (RoPE applied), index_k [B, N, c_I], weights [B, S, n_I] (scale folded in),
+q [B, S, H, D] and compressed_kv [B, N, D] are the main attention's (teacher), lse [B, S, H] its joint
+log-sum-exp over window + compressed + sink.
+
+Score: I[t, s] = sum_h weights[t, h] * relu(index_q[t, h] . index_k[s]); entries s >= (t+1)//ratio are
+masked to -inf BEFORE top-k; picks that land on a masked entry become -1.
+
+Loss (teacher = the conditional of the joint softmax, detached): for each query t with candidates C_t
+(every visible entry when topk_idx is None: the dense warm-up; the query's picks otherwise: sparse),
+    target_t(s) = mean_h exp(z_{t,h,s} - lse_{t,h}),  mass_t = sum_s target_t(s),  p_t = target_t / mass_t
+    L = mean_t  mass_t * KL(p_t || softmax_{s in C_t} I[t, s])
+over queries with at least one candidate. Only index_q / index_k / weights receive gradients.
+"""
+
+from __future__ import annotations
+
+from dsv4.ops.indexer.naive import indexer_kl_naive, indexer_topk_naive
+from dsv4.ops.indexer.torch_chunked import indexer_kl_chunked, indexer_topk_chunked
+
+
+def indexer_topk(index_q, index_k, weights, ratio: int, topk: int, backend: str = "torch", chunk_size: int = 128):
+    if backend == "naive":
+        return indexer_topk_naive(index_q, index_k, weights, ratio, topk)
+    return indexer_topk_chunked(index_q, index_k, weights, ratio, topk, chunk_size)
+
+
+def indexer_kl_loss(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
+                    topk_idx=None, backend: str = "torch", chunk_size: int = 128):
+    if backend == "naive":
+        return indexer_kl_naive(q.detach(), compressed_kv.detach(), lse.detach(), index_q, index_k, weights,
+                                ratio, softmax_scale, topk_idx)
+    return indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio, softmax_scale, topk_idx,
+                              chunk_size)

@@ -1,0 +1,64 @@
+"""Brute-force oracle for the lightning indexer: full [B, S, N] score matrix, dense masks."""
+
+from __future__ import annotations
+
+import torch
+
+
+def indexer_scores_naive(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """I[b, t, s] = sum_h weights[b, t, h] * relu(index_q[b, t, h] . index_k[b, s]) -> [B, S, N] fp32."""
+    dots = torch.einsum("bthc,bsc->bths", index_q.float(), index_k.float())
+    return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
+
+
+def causal_visible(seq_len: int, num_entries: int, ratio: int, device: torch.device, first_query: int = 0
+                   ) -> torch.Tensor:
+    """[T, N] bool: entry s visible to query t iff s < (t+1)//ratio (the whole group has been seen)."""
+    t = first_query + torch.arange(seq_len, device=device)
+    s = torch.arange(num_entries, device=device)
+    return s[None, :] < ((t[:, None] + 1) // ratio)
+
+
+def topk_recent_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last dim with a defined tie rule: equal scores prefer the MORE RECENT entry.
+
+    ReLU scores tie often (exact zeros), and torch.topk breaks ties arbitrarily, differently for
+    different input sizes; a fixed rule keeps every implementation choosing the same entries.
+    """
+    n = scores.shape[-1]
+    values, order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True)
+    return values[..., :k], (n - 1) - order[..., :k]
+
+
+def indexer_topk_naive(index_q, index_k, weights, ratio: int, topk: int) -> torch.Tensor:
+    seq_len, num_entries = index_q.shape[1], index_k.shape[1]
+    scores = indexer_scores_naive(index_q, index_k, weights)
+    visible = causal_visible(seq_len, num_entries, ratio, index_q.device)
+    scores = scores.masked_fill(~visible[None], float("-inf"))  # mask BEFORE top-k
+    k = min(topk, num_entries)
+    values, idx = topk_recent_first(scores, k)
+    return torch.where(torch.isinf(values), -1, idx)
+
+
+def indexer_kl_naive(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
+                     topk_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over queries with >= 1 candidate of  mass_t * KL(p_hat_t || softmax(I_t)) ; see loss docs."""
+    seq_len, num_entries = q.shape[1], compressed_kv.shape[1]
+    visible = causal_visible(seq_len, num_entries, ratio, q.device)[None]  # [1, S, N]
+    if topk_idx is None:
+        candidates = visible.expand(q.shape[0], -1, -1)
+    else:
+        candidates = torch.zeros(q.shape[0], seq_len, num_entries + 1, dtype=torch.bool, device=q.device)
+        candidates.scatter_(2, torch.where(topk_idx < 0, num_entries, topk_idx).long(), True)
+        candidates = candidates[..., :num_entries]
+    with torch.no_grad():
+        z = torch.einsum("bthd,bsd->bths", q.float(), compressed_kv.float()) * softmax_scale
+        p = torch.exp(z - lse.float()[..., None]) * candidates[:, :, None, :]  # joint-softmax probs
+        target = p.mean(dim=2)  # [B, S, N]
+        mass = target.sum(-1)
+        p_hat = target / mass.clamp_min(1e-30)[..., None]
+    student = indexer_scores_naive(index_q, index_k, weights).masked_fill(~candidates, float("-inf"))
+    log_s = torch.log_softmax(student, dim=-1).masked_fill(~candidates, 0.0)
+    kl = (torch.xlogy(p_hat, p_hat) - p_hat * log_s).sum(-1)  # [B, S]
+    has = candidates.any(-1)
+    return (mass * kl)[has].sum() / has.sum().clamp_min(1)

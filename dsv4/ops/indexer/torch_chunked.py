@@ -1,0 +1,95 @@
+"""Query-chunked lightning indexer: never holds the [B, S, n_I, N] (or [B, S, N]) scores at full size.
+
+Top-k runs chunk by chunk without autograd. The KL loss recomputes each chunk's student scores
+in backward (activation checkpointing), so its memory is bounded by one chunk as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from dsv4.ops.indexer.naive import causal_visible, topk_recent_first
+
+
+def _chunk_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    dots = torch.einsum("bthc,bsc->bths", index_q.float(), index_k.float())  # [B, T, n_I, N]
+    return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
+
+
+def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk_size: int = 128
+                         ) -> torch.Tensor:
+    batch, seq_len = index_q.shape[:2]
+    num_entries = index_k.shape[1]
+    k = min(topk, num_entries)
+    out = torch.full((batch, seq_len, k), -1, dtype=torch.long, device=index_q.device)
+    with torch.no_grad():
+        for first in range(0, seq_len, chunk_size):
+            last = min(first + chunk_size, seq_len)
+            n_vis = min(num_entries, last // ratio)  # no query of this chunk sees beyond
+            if n_vis == 0:
+                continue
+            scores = _chunk_scores(index_q[:, first:last], index_k[:, :n_vis], weights[:, first:last])
+            visible = causal_visible(last - first, n_vis, ratio, index_q.device, first)
+            scores = scores.masked_fill(~visible[None], float("-inf"))
+            kk = min(k, n_vis)
+            values, idx = topk_recent_first(scores, kk)
+            out[:, first:last, :kk] = torch.where(torch.isinf(values), -1, idx)
+    return out
+
+
+def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, first: int, ratio: int, softmax_scale: float):
+    """Sum over this chunk's queries of mass_t * KL_t, and the count of queries with candidates."""
+    batch, n_q = q.shape[:2]
+    device = q.device
+    if picks is None:
+        cand_keys, cand_index_k = cmp, index_k  # [B, N, D], [B, N, c_I]
+        candidates = causal_visible(n_q, cmp.shape[1], ratio, device, first)[None].expand(batch, -1, -1)
+        with torch.no_grad():
+            z = torch.einsum("bthd,bnd->bthn", q.float(), cand_keys.float()) * softmax_scale
+        dots = torch.einsum("bthc,bnc->bthn", index_q.float(), cand_index_k.float())
+    else:
+        candidates = picks >= 0  # [B, T, k]
+        batch_ix = torch.arange(batch, device=device)[:, None, None]
+        safe = picks.clamp(min=0)
+        with torch.no_grad():
+            z = torch.einsum("bthd,btkd->bthk", q.float(), cmp[batch_ix, safe].float()) * softmax_scale
+        dots = torch.einsum("bthc,btkc->bthk", index_q.float(), index_k[batch_ix, safe].float())
+    with torch.no_grad():
+        p = torch.exp(z - lse.float()[..., None]) * candidates[:, :, None, :]
+        target = p.mean(dim=2)
+        mass = target.sum(-1)
+        p_hat = target / mass.clamp_min(1e-30)[..., None]
+    student = torch.einsum("bth,bthn->btn", weights.float(), dots.relu()).masked_fill(~candidates, float("-inf"))
+    log_s = torch.log_softmax(student, dim=-1).masked_fill(~candidates, 0.0)
+    kl = (torch.xlogy(p_hat, p_hat) - p_hat * log_s).sum(-1)
+    has = candidates.any(-1)
+    return torch.where(has, mass * kl, 0.0).sum(), has.sum()
+
+
+def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
+                       topk_idx: torch.Tensor | None = None, chunk_size: int = 128) -> torch.Tensor:
+    seq_len = q.shape[1]
+    num_entries = compressed_kv.shape[1]
+    q, compressed_kv, lse = q.detach(), compressed_kv.detach(), lse.detach()  # the teacher is detached
+    total = index_q.new_zeros((), dtype=torch.float32)
+    count = 0
+    recompute = torch.is_grad_enabled()
+    for first in range(0, seq_len, chunk_size):
+        last = min(first + chunk_size, seq_len)
+        if topk_idx is None:
+            n_vis = min(num_entries, last // ratio)
+            if n_vis == 0:
+                continue
+            cmp, idx_k, picks = compressed_kv[:, :n_vis], index_k[:, :n_vis], None
+        else:
+            cmp, idx_k, picks = compressed_kv, index_k, topk_idx[:, first:last]
+        args = (q[:, first:last], cmp, lse[:, first:last], index_q[:, first:last], idx_k, weights[:, first:last],
+                picks, first, ratio, softmax_scale)
+        if recompute:
+            part, n = checkpoint(_kl_chunk, *args, use_reentrant=False)
+        else:
+            part, n = _kl_chunk(*args)
+        total = total + part
+        count += int(n)
+    return total / max(count, 1)

@@ -1,0 +1,48 @@
+"""V4 attention core: one softmax over a sliding window of raw K=V rows, compressed entries and a sink.
+
+    v4_attention(q, kv, sink, window, softmax_scale, compressed_kv=None, ratio=0, topk_idx=None,
+                 backend="torch", chunk_size=128) -> (out, lse)
+
+Shapes (one shared K=V head; every query head reads the same rows):
+    q             [B, S, H, D]    queries (RoPE already applied)
+    kv            [B, S, D]       raw K=V rows; query t sees rows t-window+1 .. t
+    sink          [H]             per-head sink logit: adds exp(sink) to the denominator, no value
+    compressed_kv [B, N, D]       compressed entries (entry i summarises group i of `ratio` tokens)
+    ratio         int             visibility: entry i visible to query t iff i < (t+1)//ratio
+    topk_idx      [B, S, k] int   CSA picks per query (-1 = no key); None = every visible entry (HCA)
+    out           [B, S, H, D]    in q's dtype (not yet de-rotated)
+    lse           [B, S, H]       fp32 log-sum-exp of the joint softmax (sink included), detached
+
+Backends: "naive" (full-mask oracle, O(S^2)), "torch" (query-chunked, recomputed in backward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.ops.v4_attention.naive import v4_attention_naive
+from dsv4.ops.v4_attention.torch_chunked import v4_attention_chunked
+
+BACKENDS = ("naive", "torch")
+
+
+def v4_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    sink: torch.Tensor,
+    window: int,
+    softmax_scale: float,
+    compressed_kv: torch.Tensor | None = None,
+    ratio: int = 0,
+    topk_idx: torch.Tensor | None = None,
+    backend: str = "torch",
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if compressed_kv is not None and topk_idx is None and ratio < 1:
+        raise ValueError("v4_attention: dense compressed attention needs ratio >= 1")
+    if backend == "naive":
+        return v4_attention_naive(q, kv, sink, window, softmax_scale, compressed_kv, ratio, topk_idx)
+    if backend == "torch":
+        return v4_attention_chunked(q, kv, sink, window, softmax_scale, compressed_kv, ratio, topk_idx,
+                                    chunk_size)
+    raise ValueError(f"attention.backend={backend!r}: unknown backend (choose from {', '.join(BACKENDS)})")

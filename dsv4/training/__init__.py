@@ -1,0 +1,1 @@
+"""Training: validated run config, DeepSpeed engine and loop, metrics, checkpoints."""

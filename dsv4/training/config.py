@@ -1,0 +1,201 @@
+"""Structured configs for a training run: every Hydra group is checked against a dataclass here, so a bad
+or unknown value stops the run before training with an error that names the key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dsv4.config import CSA_RATIO, DENSE, WINDOW, ConfigError, ModelConfig
+
+LAYOUTS = ("window", "csa", "hca", "dense", "v4_flash", "v4_pro")
+
+
+@dataclass
+class AttentionConfig:
+    layout: str | None = None  # null: keep model.compress_ratios; else a named schedule (LAYOUTS)
+    hca_ratio: int | None = None  # ratio used by layouts for HCA layers (null: the model's, else 128)
+    backend: str = "auto"  # auto | torch | naive
+    query_chunk_size: int = 128
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    reduce_bucket_size: int = 50_000_000
+    overlap_comm: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON config
+
+
+@dataclass
+class DataConfig:
+    source: str = "bundled"
+    path: str | None = None  # null: the bundled corpus; else a .txt / .txt.gz file (documents split by <|doc|>)
+    tokenizer: str | None = None  # null: the bundled tokenizer; else a tokenizer.json path
+    val_fraction: float = 0.02
+
+
+@dataclass
+class PhaseConfig:
+    dense_steps: int = 0  # CSA attends to every visible compressed entry; indexer idle
+    indexer_warmup_steps: int = 0  # CSA still dense; indexer learns from the dense KL loss
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    steps: int = 300
+    seq_len: int = 512
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    indexer_loss_coef: float = 0.01
+    phases: PhaseConfig = field(default_factory=PhaseConfig)
+    output_dir: str | None = None  # null: outputs/<timestamp>, chosen by global rank 0
+    save_interval: int = 0  # 0: only at the end
+    resume: Any = False  # false | true (latest checkpoint) | a run or checkpoint directory
+    eval_interval: int = 0  # 0: only at the end
+    eval_batches: int = 4
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "auto"  # auto: online if WANDB_API_KEY is set, else offline | online | offline | disabled
+    project: str = "dsv4-train"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig
+    attention: AttentionConfig
+    deepspeed: DeepSpeedConfig
+    data: DataConfig
+    train: TrainConfig
+    logging: LoggingConfig
+
+
+def _typed(schema: type, node: Any, prefix: str):
+    """Merge a config node into a dataclass schema; unknown keys and wrong types name the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
+        return OmegaConf.to_object(merged)
+    except Exception as e:  # omegaconf errors carry full_key
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{prefix}.{key}: {msg}" if key else f"{prefix}: {msg}") from None
+
+
+def apply_layout(model: dict[str, Any], attention: AttentionConfig) -> list[int]:
+    """The per-layer compress_ratios a named attention layout produces for this model."""
+    ratios = [int(r) for r in model.get("compress_ratios", [])]
+    if attention.layout is None:
+        return ratios
+    n = int(model["num_hidden_layers"])
+    hca = attention.hca_ratio or next((r for r in ratios if r > CSA_RATIO), 128)
+    layout = attention.layout
+    if layout == "window":
+        return [WINDOW] * n
+    if layout == "csa":
+        return [CSA_RATIO] * n
+    if layout == "hca":
+        return [hca] * n
+    if layout == "dense":
+        return [DENSE] * n
+    if layout == "v4_flash":  # two window-only layers, then CSA / HCA alternating from CSA
+        return [WINDOW if i < 2 else (CSA_RATIO if i % 2 == 0 else hca) for i in range(n)]
+    if layout == "v4_pro":  # two HCA layers, then CSA / HCA alternating from CSA
+        return [hca if i < 2 else (CSA_RATIO if i % 2 == 0 else hca) for i in range(n)]
+    raise ConfigError(f"attention.layout={layout!r}: choose null or one of {', '.join(LAYOUTS)}")
+
+
+def resolve_config(cfg: DictConfig) -> RunConfig:
+    """Validate the composed Hydra config and return typed, checked settings."""
+    for group in ("model", "attention", "deepspeed", "data", "train", "logging"):
+        if group not in cfg:
+            raise ConfigError(f"{group}: missing config group (check conf/config.yaml's defaults)")
+    extra = sorted(set(cfg.keys()) - {"model", "attention", "deepspeed", "data", "train", "logging"})
+    if extra:
+        raise ConfigError(f"{extra[0]}: unknown top-level key")
+    attention = _typed(AttentionConfig, cfg.attention, "attention")
+    model_dict = OmegaConf.to_container(cfg.model, resolve=True)
+    model_dict["compress_ratios"] = apply_layout(model_dict, attention)
+    model = ModelConfig.from_dict(model_dict)
+    run = RunConfig(
+        model=model,
+        attention=attention,
+        deepspeed=_typed(DeepSpeedConfig, cfg.deepspeed, "deepspeed"),
+        data=_typed(DataConfig, cfg.data, "data"),
+        train=_typed(TrainConfig, cfg.train, "train"),
+        logging=_typed(LoggingConfig, cfg.logging, "logging"),
+    )
+    _check(run)
+    return run
+
+
+def _check(run: RunConfig) -> None:
+    def need(cond: bool, key: str, value: Any, msg: str) -> None:
+        if not cond:
+            raise ConfigError(f"{key}={value!r}: {msg}")
+
+    a, d, t, lg = run.attention, run.deepspeed, run.train, run.logging
+    need(a.backend in ("auto", "torch", "naive"), "attention.backend", a.backend, "choose auto, torch or naive")
+    need(a.query_chunk_size >= 1, "attention.query_chunk_size", a.query_chunk_size, "must be >= 1")
+    need(a.hca_ratio is None or a.hca_ratio > CSA_RATIO, "attention.hca_ratio", a.hca_ratio, "must be > 4")
+    need(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "choose 0, 1, 2 or 3")
+    need(d.precision in ("auto", "bf16", "fp32"), "deepspeed.precision", d.precision,
+         "choose auto, bf16 or fp32 (fp16 is not supported: V4's sink and compressor need bf16/fp32 range)")
+    need(run.data.source == "bundled", "data.source", run.data.source,
+         "only 'bundled' (the bundled corpus or a local text file via data.path) exists so far")
+    need(0 < run.data.val_fraction < 0.5, "data.val_fraction", run.data.val_fraction, "must be in (0, 0.5)")
+    for key in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_batches"):
+        need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
+    need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    need(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", t.betas, "need two values in [0, 1)")
+    need(t.grad_clip >= 0, "train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    need(t.indexer_loss_coef >= 0, "train.indexer_loss_coef", t.indexer_loss_coef, "must be >= 0")
+    need(t.phases.dense_steps >= 0, "train.phases.dense_steps", t.phases.dense_steps, "must be >= 0")
+    need(t.phases.indexer_warmup_steps >= 0, "train.phases.indexer_warmup_steps", t.phases.indexer_warmup_steps,
+         "must be >= 0")
+    need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0")
+    need(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
+    need(isinstance(t.resume, (bool, str)), "train.resume", t.resume, "use false, true or a directory")
+    need(lg.interval >= 1, "logging.interval", lg.interval, "must be >= 1")
+    need(lg.wandb.mode in ("auto", "online", "offline", "disabled"), "logging.wandb.mode", lg.wandb.mode,
+         "choose auto, online, offline or disabled")
+
+
+def phase_for_step(train: TrainConfig, step: int) -> str:
+    """The CSA attention phase at a (0-based) optimizer step: dense -> indexer_warmup -> sparse."""
+    if step < train.phases.dense_steps:
+        return "dense"
+    if step < train.phases.dense_steps + train.phases.indexer_warmup_steps:
+        return "indexer_warmup"
+    return "sparse"
+
+
+def run_config_dict(run: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(run)

@@ -1,0 +1,68 @@
+"""Console and W&B metrics, from global rank 0 only. W&B is offline unless a key is set and never blocks
+training: if it cannot start, the run continues with console output and says so."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from dsv4.training.config import WandbConfig
+
+
+def wandb_mode(cfg: WandbConfig) -> str:
+    if not cfg.enabled:
+        return "disabled"
+    if cfg.mode != "auto":
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class MetricsLogger:
+    def __init__(self, cfg: WandbConfig, run_dir: Path, is_main: bool, config: dict[str, Any]) -> None:
+        self.is_main = is_main
+        self.run = None
+        if not is_main:
+            return
+        mode = wandb_mode(cfg)
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+
+            self.run = wandb.init(
+                project=cfg.project, entity=cfg.entity, name=cfg.name or run_dir.name, group=cfg.group,
+                tags=list(cfg.tags), config=config, dir=str(run_dir), mode=mode,
+                settings=wandb.Settings(init_timeout=90, silent=True),
+            )
+            print(f"W&B: {mode} run in {run_dir / 'wandb'}", flush=True)
+        except Exception as e:  # no network, bad key, ...: keep training
+            print(f"W&B disabled for this run: could not start ({type(e).__name__}: {e})", flush=True)
+            self.run = None
+
+    def print(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.run is not None:
+            try:
+                self.run.log(metrics, step=step)
+            except Exception as e:
+                print(f"W&B log failed at step {step} ({e}); continuing without W&B", flush=True)
+                self.run = None
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in values.items():
+                self.run.summary[key] = value
+
+    def finish(self) -> None:
+        if self.run is not None:
+            try:
+                self.run.finish()
+            except Exception:
+                pass
+            self.run = None

@@ -1,0 +1,262 @@
+"""The training loop: DeepSpeed engine, AdamW, warmup + cosine LR, clipping, accumulation, CSA phases,
+the indexer loss, checkpoints and resume, metrics from global rank 0."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from dsv4.config import ConfigError
+from dsv4.model import DSV4Model
+from dsv4.training.config import RunConfig, phase_for_step, resolve_config, run_config_dict
+from dsv4.training.distributed import init_distributed
+from dsv4.training.metrics import MetricsLogger
+
+
+def lr_lambda(train, step: int) -> float:
+    """Multiplier of the peak LR at scheduler step `step`: linear warmup, then cosine to min_lr_ratio."""
+    if step < train.warmup_steps:
+        return (step + 1) / train.warmup_steps
+    span = max(1, train.steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: not on norm gains, sinks or the compressor's additive slot bias."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.dim() < 2 or name.endswith(".ape") else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def deepspeed_config(run: RunConfig, use_bf16: bool) -> dict[str, Any]:
+    ds, train = run.deepspeed, run.train
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "reduce_bucket_size": ds.reduce_bucket_size,
+                            "overlap_comm": ds.overlap_comm}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, OmegaConf.to_container(OmegaConf.create(ds.extra)) if ds.extra else {})
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _choose_run_dir(run: RunConfig, rank: int) -> Path:
+    """Global rank 0 decides the run directory; every rank gets the same answer."""
+    choice = [None]
+    if rank == 0:
+        if run.train.output_dir:
+            path = Path(run.train.output_dir)
+        elif isinstance(run.train.resume, str):
+            path = _run_dir_of(Path(run.train.resume))
+        elif run.train.resume is True:
+            path = _latest_run_dir() or Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
+        else:
+            path = Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
+        choice = [str(path)]
+    dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0])
+
+
+def _run_dir_of(path: Path) -> Path:
+    if not path.exists():
+        raise ConfigError(f"train.resume={str(path)!r}: no such directory")
+    return path.parent if path.name == "checkpoints" else path
+
+
+def _latest_run_dir() -> Path | None:
+    runs = sorted(Path("outputs").glob("*/checkpoints/latest"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent.parent if runs else None
+
+
+def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def evaluate(engine, data, run: RunConfig, rank: int, world: int, device: torch.device) -> float:
+    """Mean validation LM loss per token over the held-out split (every rank its share)."""
+    engine.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in data.val_batches(run.train.eval_batches, run.train.micro_batch_size, rank, world):
+            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+            totals += torch.stack((out.lm_loss_sum.double(), out.num_tokens.double()))
+    engine.train()
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run training as configured; returns the summary (on every rank)."""
+    run = resolve_config(cfg)  # bad values stop here, before any process group or data
+    from data_pipelines import PackedTextData
+
+    data = PackedTextData(run.data.path, run.data.tokenizer, run.train.seq_len, run.data.val_fraction,
+                          run.train.seed)
+    if data.vocab_size > run.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={run.model.vocab_size}: smaller than the tokenizer's vocabulary "
+                          f"({data.vocab_size}); raise it")
+
+    import deepspeed
+
+    rank, world, _, device = init_distributed()
+    use_bf16 = run.deepspeed.precision == "bf16" or (run.deepspeed.precision == "auto" and device.type == "cuda")
+    run_dir = _choose_run_dir(run, rank)
+    ckpt_dir = run_dir / "checkpoints"
+    is_main = rank == 0
+    resolved = run_config_dict(run)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    logger = MetricsLogger(run.logging.wandb, run_dir, is_main, resolved)
+
+    torch.manual_seed(run.train.seed)
+    backend = "torch" if run.attention.backend == "auto" else run.attention.backend
+    model = DSV4Model(run.model, backend=backend, chunk_size=run.attention.query_chunk_size,
+                      phase=phase_for_step(run.train, 0))
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(model, run.train.weight_decay), lr=run.train.lr,
+                                  betas=tuple(run.train.betas), eps=run.train.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(run.train, s))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, use_bf16))
+
+    start_step = 0
+    if run.train.resume:
+        if not (ckpt_dir / "latest").is_file():
+            if isinstance(run.train.resume, str):
+                raise ConfigError(f"train.resume={run.train.resume!r}: no checkpoint ('latest') in {ckpt_dir}")
+            logger.print(f"train.resume=true: no checkpoint in {ckpt_dir}; starting from step 0")
+        else:
+            load_path, client = engine.load_checkpoint(str(ckpt_dir))
+            start_step = int(client["step"])
+            logger.print(f"resumed from {load_path} at step {start_step}")
+
+    tokens_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * world * run.train.seq_len
+    kinds = [run.model.layer_kind(i) for i in range(run.model.num_hidden_layers)]
+    logger.print(
+        f"dsv4-train | {n_params / 1e6:.2f}M params | layers {kinds} | ranks {world} on {device.type} | "
+        f"ZeRO-{run.deepspeed.zero_stage} {'bf16' if use_bf16 else 'fp32'} | {tokens_per_step} tokens/step | "
+        f"data {data.source} ({len(data.train.tokens)} train tokens) | run dir {run_dir}")
+
+    history: list[dict[str, float]] = []
+    val_loss = float("nan")
+    t_start = time.perf_counter()
+    phase = None
+    for step in range(start_step, run.train.steps):
+        new_phase = phase_for_step(run.train, step)
+        if new_phase != phase:
+            engine.module.set_attention_options(phase=new_phase)
+            if phase is not None or step > 0:
+                logger.print(f"step {step}: CSA attention phase -> {new_phase}")
+            phase = new_phase
+        t0 = time.perf_counter()
+        lm_sum = idx_sum = 0.0
+        for micro in range(run.train.grad_accum_steps):
+            batch = data.train_batch(step, micro, run.train.grad_accum_steps, run.train.micro_batch_size, rank,
+                                     world)
+            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+            loss = out.lm_loss
+            if out.indexer_loss is not None:
+                loss = loss + run.train.indexer_loss_coef * out.indexer_loss
+                idx_sum += out.indexer_loss.item()
+            engine.backward(loss)
+            engine.step()
+            lm_sum += out.lm_loss.item()
+        step_time = time.perf_counter() - t0
+        grad_norm = engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        lm_loss, idx_loss = _mean_across_ranks([lm_sum / run.train.grad_accum_steps,
+                                                idx_sum / run.train.grad_accum_steps], device)
+        total = lm_loss + run.train.indexer_loss_coef * idx_loss
+        lr = scheduler.get_last_lr()[0] if scheduler is not None else run.train.lr
+        record = {"loss": total, "lm_loss": lm_loss, "indexer_loss": idx_loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time}
+        history.append(record)
+        logger.log(step + 1, {f"train/{k}": v for k, v in record.items()})
+        done = step + 1
+        if is_main and (done % run.logging.interval == 0 or done == run.train.steps or step == start_step):
+            logger.print(f"step {done:>6}/{run.train.steps} | loss {total:.4f} | lm {lm_loss:.4f} | "
+                         f"idx {idx_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
+                         f"tok/s {record['tokens_per_s']:,.0f} | {phase}")
+        if run.train.eval_interval and done % run.train.eval_interval == 0 and done < run.train.steps:
+            val_loss = evaluate(engine, data, run, rank, world, device)
+            logger.log(done, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
+            logger.print(f"step {done:>6} | val loss {val_loss:.4f} | ppl {math.exp(min(val_loss, 50)):.1f}")
+        if run.train.save_interval and done % run.train.save_interval == 0 and done < run.train.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done:07d}", client_state={"step": done})
+
+    wall = time.perf_counter() - t_start
+    if history:
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{run.train.steps:07d}",
+                               client_state={"step": run.train.steps})
+    val_loss = evaluate(engine, data, run, rank, world, device)
+    summary = _summary(history, val_loss, wall, tokens_per_step, run, run_dir, start_step)
+    logger.log(run.train.steps, {"val/loss": val_loss, "val/ppl": summary["val_ppl"]})
+    logger.summary(summary)
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        logger.print(format_summary(summary))
+    logger.finish()
+    return summary
+
+
+def _summary(history, val_loss, wall, tokens_per_step, run, run_dir, start_step) -> dict[str, Any]:
+    k = max(1, min(10, len(history) // 4)) if history else 1
+    first = [h["lm_loss"] for h in history[:k]]
+    last = [h["lm_loss"] for h in history[-k:]]
+    steady = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
+    return {
+        "steps": run.train.steps,
+        "steps_this_run": len(history),
+        "start_step": start_step,
+        "tokens_this_run": len(history) * tokens_per_step,
+        "lm_loss_start": sum(first) / len(first) if first else float("nan"),
+        "lm_loss_end": sum(last) / len(last) if last else float("nan"),
+        "loss_window": k,
+        "val_loss": val_loss,
+        "val_ppl": math.exp(min(val_loss, 50)) if val_loss == val_loss else float("nan"),
+        "tokens_per_s": sum(steady) / len(steady) if steady else float("nan"),
+        "wall_time_s": wall,
+        "run_dir": str(run_dir),
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    return (
+        "==== summary ====\n"
+        f"steps {s['start_step']}->{s['steps']} | {s['tokens_this_run']:,} tokens | {s['wall_time_s']:.1f} s | "
+        f"{s['tokens_per_s']:,.0f} tokens/s\n"
+        f"train LM loss {s['lm_loss_start']:.4f} -> {s['lm_loss_end']:.4f} (mean of the first / last "
+        f"{s['loss_window']} steps)\n"
+        f"validation loss {s['val_loss']:.4f} | perplexity {s['val_ppl']:.1f}\n"
+        f"run dir {s['run_dir']} (checkpoints/, config.yaml, summary.json)"
+    )
