@@ -1,7 +1,7 @@
 """The embedded default data feed: a text corpus, tokenized once, packed into fixed-length sequences.
 
 Documents are joined with EOS into one token stream and cut into consecutive sequences of
-seq_len + 1 tokens (inputs = [:-1], labels = [1:]). The last `val_fraction` of documents are held
+seq_len + 1 tokens (inputs = [:-1], labels = [1:]). Every 1/val_fraction-th document is held
 out for validation. The order of training sequences is a seeded permutation per epoch, and the
 sequence a rank reads at (step, micro-step) is a pure function of those numbers, so resuming from a
 checkpoint's step continues the exact data order. (Streaming `datasets`, mixtures and per-rank
@@ -102,8 +102,12 @@ class PackedTextData:
         self.eos_id = eos_id
         self.vocab_size = self.tokenizer.get_vocab_size()
         docs = read_documents(corpus)
+        # every stride-th document is held out: corpora are often grouped by source, so a tail would not do
         n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
-        train_docs, val_docs = docs[: len(docs) - n_val], docs[len(docs) - n_val:]
+        stride = len(docs) // n_val if n_val else len(docs) + 1
+        val_ids = set(range(stride - 1, len(docs), stride)[:n_val])
+        train_docs = [d for i, d in enumerate(docs) if i not in val_ids]
+        val_docs = [d for i, d in enumerate(docs) if i in val_ids]
         self.train = PackedSplit(tokenize_documents(train_docs, self.tokenizer, eos_id), seq_len)
         self.val = PackedSplit(tokenize_documents(val_docs or train_docs[-1:], self.tokenizer, eos_id), seq_len)
         if self.train.num_sequences < 1:
