@@ -201,6 +201,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         record = {"loss": total, "lm_loss": lm_loss, "indexer_loss": idx_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time}
         history.append(record)
+        if is_main:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step + 1, "phase": phase, **record}) + "\n")
         logger.log(step + 1, {f"train/{k}": v for k, v in record.items()})
         done = step + 1
         if is_main and (done % run.logging.interval == 0 or done == run.train.steps or step == start_step):
@@ -258,5 +261,5 @@ def format_summary(s: dict[str, Any]) -> str:
         f"train LM loss {s['lm_loss_start']:.4f} -> {s['lm_loss_end']:.4f} (mean of the first / last "
         f"{s['loss_window']} steps)\n"
         f"validation loss {s['val_loss']:.4f} | perplexity {s['val_ppl']:.1f}\n"
-        f"run dir {s['run_dir']} (checkpoints/, config.yaml, summary.json)"
+        f"run dir {s['run_dir']} (checkpoints/, config.yaml, metrics.jsonl, summary.json)"
     )

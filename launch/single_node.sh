@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One node, N ranks: N GPUs, or N CPU ranks over gloo when there is no GPU.
+#   launch/single_node.sh 8 deepspeed=zero3 model=small train.seq_len=8192
+# Hydra overrides follow the rank count. A distinct MASTER_PORT lets several runs share a node.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nproc=${1:?usage: launch/single_node.sh NUM_RANKS [hydra overrides...]}
+shift
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+exec deepspeed --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" train.py "$@"
