@@ -479,7 +479,8 @@ def train_tokenizer(args: argparse.Namespace) -> None:
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     print(f"wrote {args.out}: vocab {tokenizer.get_vocab_size()}, {EOS_TOKEN} = 0")
     print(
-        f"{len(docs)} docs, {n_bytes:,d} bytes, {n_tokens:,d} tokens (+{len(docs)} EOS), {n_tokens / n_bytes:.4f} tokens/byte"
+        f"{len(docs)} docs, {n_bytes:,d} bytes, {n_tokens:,d} tokens (+{len(docs)} EOS), "
+        f"{n_tokens / n_bytes:.4f} tokens/byte"
     )
 
 

@@ -129,7 +129,8 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", "must be > 0")
         need(self.compress_rope_theta > 0, "compress_rope_theta", "must be > 0")
         need(len(self.compress_ratios) == self.num_hidden_layers, "compress_ratios",
-             f"needs one entry per layer: got {len(self.compress_ratios)} for num_hidden_layers={self.num_hidden_layers}")
+             f"needs one entry per layer: got {len(self.compress_ratios)} for "
+             f"num_hidden_layers={self.num_hidden_layers}")
         for i, r in enumerate(self.compress_ratios):
             if not (r in (WINDOW, CSA_RATIO, DENSE) or r > CSA_RATIO):
                 raise ConfigError(

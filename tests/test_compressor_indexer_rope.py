@@ -42,7 +42,8 @@ def reference_compressor(comp: Compressor, x: torch.Tensor, rotary: Rotary) -> t
                 rows = []  # (logit, value)
                 if comp.overlap:
                     if i > 0:  # lookback series = the FIRST c channels, from group i-1
-                        rows += [(gate[b, (i - 1) * r + j, ch] + ape[j, ch], kv[b, (i - 1) * r + j, ch]) for j in range(r)]
+                        prev = (i - 1) * r
+                        rows += [(gate[b, prev + j, ch] + ape[j, ch], kv[b, prev + j, ch]) for j in range(r)]
                     rows += [(gate[b, i * r + j, c + ch] + ape[j, c + ch], kv[b, i * r + j, c + ch]) for j in range(r)]
                 else:
                     rows += [(gate[b, i * r + j, ch] + ape[j, ch], kv[b, i * r + j, ch]) for j in range(r)]
