@@ -13,7 +13,9 @@ Shapes (one shared K=V head; every query head reads the same rows):
     out           [B, S, H, D]    in q's dtype (not yet de-rotated)
     lse           [B, S, H]       fp32 log-sum-exp of the joint softmax (sink included), detached
 
-Backends: "naive" (full-mask oracle, O(S^2)), "torch" (query-chunked, recomputed in backward).
+Backends: "naive" (full-mask oracle, O(S^2)), "torch" (query-chunked, recomputed in backward),
+"triton" (kernels in triton.py; on CPU only under TRITON_INTERPRET=1), "auto" (triton for CUDA tensors,
+torch otherwise). `deterministic` picks the Triton backward's dK=V path (fixed order vs fp32 atomics).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from dsv4.ops.v4_attention.naive import v4_attention_naive
 from dsv4.ops.v4_attention.torch_chunked import v4_attention_chunked
 
-BACKENDS = ("naive", "torch")
+BACKENDS = ("auto", "naive", "torch", "triton")
 
 
 def v4_attention(
@@ -37,9 +39,16 @@ def v4_attention(
     topk_idx: torch.Tensor | None = None,
     backend: str = "torch",
     chunk_size: int = 128,
+    deterministic: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if compressed_kv is not None and topk_idx is None and ratio < 1:
         raise ValueError("v4_attention: dense compressed attention needs ratio >= 1")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "triton":
+        from dsv4.ops.v4_attention.triton_op import v4_attention_triton
+
+        return v4_attention_triton(q, kv, sink, window, softmax_scale, compressed_kv, ratio, topk_idx, deterministic)
     if backend == "naive":
         return v4_attention_naive(q, kv, sink, window, softmax_scale, compressed_kv, ratio, topk_idx)
     if backend == "torch":

@@ -1,0 +1,373 @@
+"""Triton kernels for V4 attention: window + (dense visible | top-k) compressed entries + sink, fwd and bwd.
+
+One program owns one query t of one batch row and a block of heads: all H heads share every K=V row
+they read (MQA), so heads sit on the matrix unit's M dimension and each gathered row is used H times.
+The program walks three key sets in one online softmax:
+  1. the window: raw rows max(0, t-window+1) .. t (contiguous, no index list),
+  2. compressed entries: MODE 1 (HCA / dense CSA) rows 0 .. (t+1)//ratio - 1 of `ckv`,
+                         MODE 2 (sparse CSA) rows idx[t, :k] of `ckv` (-1 = no key),
+  3. the sink: one extra logit per head with a zero value.
+Forward saves the log-sum-exp; backward recomputes P from it (flash-attention style).
+
+dK=V has two paths: "atomic" (the dq program adds its rows' gradients with fp32 atomics: fast, order
+not fixed) and "deterministic" (one program per K=V row block gathers every query that read it: the
+window's queries are a contiguous range, dense entries are read by all later queries, and sparse
+entries through an inverse index built from the picks). Deterministic is the default.
+
+Kernel naming follows the house style: b_ block values, p_ pointers, o_ offsets, m_ masks, i_ program ids.
+Inputs are loaded and upcast to fp32 when UPCAST (always under TRITON_INTERPRET, whose bf16 is wrong),
+otherwise dots run on the input dtype with fp32 accumulation. Configs are pinned (no autotune), so every
+rank runs the same kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an unwritten element shows
+
+
+def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = dtype or like.dtype
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+@triton.jit
+def _load_rows(p_base, o_rows, stride_row, o_d, m_rows, m_d, UPCAST: tl.constexpr):
+    p = p_base + o_rows.to(tl.int64)[:, None] * stride_row + o_d[None, :]
+    b = tl.load(p, mask=m_rows[:, None] & m_d[None, :], other=0.0)
+    if UPCAST:
+        b = b.to(tl.float32)
+    return b
+
+
+@triton.jit
+def _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale):
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BH, BN]
+    b_s = tl.where(m_n[None, :], b_s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    b_p = tl.exp(b_s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(b_p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_k.dtype), b_k)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, KV, CKV, IDX, SINK, O, LSE,
+    stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs, stride_cb, stride_cs, stride_ib, stride_is,
+    S, H, N, K, WINDOW, RATIO, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    i_b = (i_bh // n_hb).to(tl.int64)
+    o_h = (i_bh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    p_q = Q + i_b * stride_qb + i_t.to(tl.int64) * stride_qs
+    b_q = _load_rows(p_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)  # [BH, BD]
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # 1. window rows (the query itself is always one: m_i is finite after this loop)
+    lo = tl.maximum(i_t - WINDOW + 1, 0)
+    for start in range(lo, i_t + 1, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n <= i_t
+        b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
+        m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
+    # 2. compressed entries
+    if MODE == 1:
+        n_vis = (i_t + 1) // RATIO
+        for start in range(0, n_vis, BLOCK_N):
+            o_n = start + tl.arange(0, BLOCK_N)
+            m_n = o_n < n_vis
+            b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+            m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
+    if MODE == 2:
+        p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_is
+        for start in range(0, K, BLOCK_N):
+            o_k = start + tl.arange(0, BLOCK_N)
+            b_idx = tl.load(p_idx + o_k, mask=o_k < K, other=-1)
+            m_n = b_idx >= 0
+            b_k = _load_rows(CKV + i_b * stride_cb, tl.maximum(b_idx, 0), stride_cs, o_d, m_n, m_d, UPCAST)
+            m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
+    # 3. the sink: a logit per head, no value
+    b_sink = tl.load(SINK + o_h, mask=m_h, other=0.0).to(tl.float32)
+    m_new = tl.maximum(m_i, b_sink)
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.exp(b_sink - m_new)
+    acc = acc * alpha[:, None]
+    b_o = acc / l_i[:, None]
+    p_o = O + i_b * stride_qb + i_t.to(tl.int64) * stride_qs + o_h[:, None] * stride_qh + o_d[None, :]
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_h[:, None] & m_d[None, :])
+    p_lse = LSE + (i_b * S + i_t) * H + o_h
+    tl.store(p_lse, m_new + tl.log(l_i), mask=m_h)
+
+
+@triton.jit
+def _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dk_base, stride_dk, o_d, m_d, scale,
+               ATOMIC: tl.constexpr):
+    b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BH, BN]
+    b_p = tl.exp(b_s - b_lse[:, None])
+    b_p = tl.where(m_n[None, :], b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_k))  # [BH, BN]   (V = K)
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    dq += tl.dot(b_ds.to(b_k.dtype), b_k) * scale
+    if ATOMIC:  # this K=V row is a key (ds) and a value (p)
+        b_dk = tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do) + tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q) * scale
+        p_dk = p_dk_base + o_n.to(tl.int64)[:, None] * stride_dk + o_d[None, :]
+        tl.atomic_add(p_dk, b_dk, mask=m_n[:, None] & m_d[None, :])
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, KV, CKV, IDX, DO, LSE, DELTA, DQ, DKV, DCKV,
+    stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs, stride_cb, stride_cs, stride_ib, stride_is,
+    S, H, N, K, WINDOW, RATIO, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    MODE: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    i_b = (i_bh // n_hb).to(tl.int64)
+    o_h = (i_bh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_h = o_h < H
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    row = i_b * stride_qb + i_t.to(tl.int64) * stride_qs
+    b_q = _load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+    b_do = _load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+    p_stat = (i_b * S + i_t) * H + o_h
+    b_lse = tl.load(LSE + p_stat, mask=m_h, other=0.0)
+    b_delta = tl.load(DELTA + p_stat, mask=m_h, other=0.0)
+    dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    # dK=V buffers are fp32 [B, S, D] and [B, N, D], contiguous
+    p_dkv = DKV + i_b * S * D
+    p_dckv = DCKV + i_b * N * D
+    lo = tl.maximum(i_t - WINDOW + 1, 0)
+    for start in range(lo, i_t + 1, BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_n = o_n <= i_t
+        b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
+        dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dkv, D, o_d, m_d, scale, ATOMIC)
+    if MODE == 1:
+        n_vis = (i_t + 1) // RATIO
+        for start in range(0, n_vis, BLOCK_N):
+            o_n = start + tl.arange(0, BLOCK_N)
+            m_n = o_n < n_vis
+            b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+            dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
+    if MODE == 2:
+        p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_is
+        for start in range(0, K, BLOCK_N):
+            o_k = start + tl.arange(0, BLOCK_N)
+            b_idx = tl.load(p_idx + o_k, mask=o_k < K, other=-1)
+            m_n = b_idx >= 0
+            o_n = tl.maximum(b_idx, 0)
+            b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+            dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
+    p_dq = DQ + row + o_h[:, None] * stride_qh + o_d[None, :]
+    tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_h[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
+                   o_d, m_d, scale, dk, BLOCK_H: tl.constexpr, UPCAST: tl.constexpr):
+    """Add query t's (all heads) gradient on the K=V rows b_k [BN, BD] (visible: [BN] mask)."""
+    t = i_b * 0 + t  # int64 (i_b is), whether t is a loop counter or a loaded value
+    row = i_b * stride_qb + t * stride_qs
+    for h0 in range(0, H, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H)
+        m_h = o_h < H
+        b_q = _load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+        b_do = _load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+        p_stat = (i_b * S + t) * H + o_h
+        b_lse = tl.load(LSE + p_stat, mask=m_h, other=0.0)
+        b_delta = tl.load(DELTA + p_stat, mask=m_h, other=0.0)
+        b_s = tl.dot(b_q, tl.trans(b_k)) * scale
+        b_p = tl.where(visible[None, :] & m_h[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
+        b_dp = tl.dot(b_do, tl.trans(b_k))
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        dk += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do) + tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q) * scale
+    return dk
+
+
+@triton.jit
+def _attn_bwd_dkv_window_kernel(
+    Q, KV, DO, LSE, DELTA, DKV,
+    stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs,
+    S, H, WINDOW, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Deterministic dK=V of raw rows j0..j0+BN-1: their readers are queries j0 .. j0+BN-1+window-1."""
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < S
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    t_hi = tl.minimum(i_n * BLOCK_N + BLOCK_N - 1 + WINDOW - 1, S - 1)
+    for t in range(i_n * BLOCK_N, t_hi + 1):
+        visible = m_n & (o_n <= t) & (o_n > t - WINDOW)
+        dk = _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
+                            o_d, m_d, scale, dk, BLOCK_H, UPCAST)
+    p_dk = DKV + i_b * S * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+    tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _attn_bwd_dckv_dense_kernel(
+    Q, CKV, DO, LSE, DELTA, DCKV,
+    stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
+    S, H, N, RATIO, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Deterministic d(entries) i0..i0+BN-1 in dense mode: entry i is read by every query t >= (i+1)*ratio-1."""
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for t in range((i_n * BLOCK_N + 1) * RATIO - 1, S):
+        visible = m_n & (o_n < (t + 1) // RATIO)
+        dk = _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
+                            o_d, m_d, scale, dk, BLOCK_H, UPCAST)
+    p_dk = DCKV + i_b * N * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+    tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _attn_bwd_dckv_sparse_kernel(
+    Q, CKV, DO, LSE, DELTA, DCKV, OFFSETS, READERS,
+    stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
+    S, H, N, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Deterministic d(entry i) in sparse mode: READERS[OFFSETS[b*N+i] : OFFSETS[b*N+i+1]] lists, in query
+    order, the queries that picked entry i (the inverse of the top-k index)."""
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_n = i_n + tl.arange(0, BLOCK_N)  # row 0 is entry i_n; the rest are masked padding for tl.dot
+    m_n = o_n == i_n
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    first = tl.load(OFFSETS + i_b * N + i_n)
+    last = tl.load(OFFSETS + i_b * N + i_n + 1)
+    for r in range(first, last):
+        t = tl.load(READERS + r)
+        dk = _dk_from_query(b_k, m_n, m_n, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
+                            o_d, m_d, scale, dk, BLOCK_H, UPCAST)
+    p_dk = DCKV + i_b * N * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+    tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+def _config(q: torch.Tensor, dim: int) -> dict:
+    """Pinned launch configuration (identical on every rank: no autotuning)."""
+    block_d = triton.next_power_of_2(dim)
+    return dict(D=dim, BLOCK_D=block_d, BLOCK_H=16, BLOCK_N=16 if block_d >= 256 else 32,
+                UPCAST=INTERPRET or q.dtype == torch.float32)
+
+
+def _mode(ckv, idx) -> int:
+    return 0 if ckv is None else (2 if idx is not None else 1)
+
+
+def attention_fwd(q, kv, ckv, idx, sink, window: int, ratio: int, scale: float):
+    """-> out [B, S, H, D] (q.dtype), lse [B, S, H] fp32. See dsv4.ops.v4_attention for shapes."""
+    batch, seq_len, n_heads, dim = q.shape
+    mode = _mode(ckv, idx)
+    ckv_ = ckv if ckv is not None else kv
+    idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
+    out = _new(q.shape, q)
+    lse = _new((batch, seq_len, n_heads), q, torch.float32)
+    cfg = _config(q, dim)
+    grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
+    _attn_fwd_kernel[grid](
+        q, kv, ckv_, idx_, sink, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
+        idx_.stride(0), idx_.stride(1),
+        seq_len, n_heads, ckv_.shape[1], idx_.shape[-1], window, max(ratio, 1), scale, MODE=mode, **cfg)
+    return out, lse
+
+
+def inverse_index(idx: torch.Tensor, num_entries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each (batch, entry): the queries that picked it, in query order (CSR: offsets [B*N+1], readers)."""
+    batch, seq_len, k = idx.shape
+    entry = idx.long() + torch.arange(batch, device=idx.device)[:, None, None] * num_entries
+    query = torch.arange(seq_len, device=idx.device)[None, :, None].expand(batch, seq_len, k)
+    valid = idx >= 0
+    entry, query = entry[valid], query[valid]
+    order = torch.sort(entry * seq_len + query).indices  # entry-major, then query order
+    counts = torch.bincount(entry, minlength=batch * num_entries)
+    offsets = torch.zeros(batch * num_entries + 1, dtype=torch.int32, device=idx.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, query[order].to(torch.int32).contiguous()
+
+
+def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, window: int, ratio: int, scale: float,
+                  deterministic: bool = True):
+    """-> dq, dkv, dckv (None without ckv), dsink."""
+    batch, seq_len, n_heads, dim = q.shape
+    mode = _mode(ckv, idx)
+    do = do.contiguous()
+    delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, S, H]
+    ckv_ = ckv if ckv is not None else kv
+    n_entries = ckv_.shape[1]
+    idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
+    cfg = _config(q, dim)
+    dq = _new(q.shape, q)
+    if deterministic:
+        dkv = _new((batch, seq_len, dim), q, torch.float32)
+        dckv = _new((batch, n_entries, dim), q, torch.float32)
+    else:
+        dkv = torch.zeros(batch, seq_len, dim, dtype=torch.float32, device=q.device)
+        dckv = torch.zeros(batch, n_entries, dim, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
+               idx_.stride(0), idx_.stride(1))
+    grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
+    _attn_bwd_dq_kernel[grid](
+        q, kv, ckv_, idx_, do, lse, delta, dq, dkv, dckv, *strides,
+        seq_len, n_heads, n_entries, idx_.shape[-1], window, max(ratio, 1), scale, MODE=mode,
+        ATOMIC=not deterministic, **cfg)
+    if deterministic:
+        block_n = cfg["BLOCK_N"]
+        _attn_bwd_dkv_window_kernel[(triton.cdiv(seq_len, block_n), batch)](
+            q, kv, do, lse, delta, dkv, q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+            seq_len, n_heads, window, scale, **cfg)
+        if mode == 1:
+            _attn_bwd_dckv_dense_kernel[(triton.cdiv(n_entries, block_n), batch)](
+                q, ckv, do, lse, delta, dckv, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),
+                seq_len, n_heads, n_entries, ratio, scale, **cfg)
+        if mode == 2:
+            offsets, readers = inverse_index(idx, n_entries)
+            _attn_bwd_dckv_sparse_kernel[(n_entries, batch)](
+                q, ckv, do, lse, delta, dckv, offsets, readers, q.stride(0), q.stride(1), q.stride(2),
+                ckv.stride(0), ckv.stride(1), seq_len, n_heads, n_entries, scale, **cfg)
+    # the sink's logit: d lse_{t,h} / d sink_h = p_sink; dL/dsink_h = -sum_t p_sink(t, h) * delta(t, h)
+    dsink = -(torch.exp(sink.float()[None, None, :] - lse) * delta).sum(dim=(0, 1))
+    return dq, dkv.to(kv.dtype), (dckv.to(ckv.dtype) if ckv is not None else None), dsink.to(sink.dtype)
