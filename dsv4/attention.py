@@ -34,8 +34,10 @@ PHASES = ("dense", "indexer_warmup", "sparse")
 class AttentionOptions:
     """Runtime choices that do not change parameters: backend, chunking, CSA phase."""
 
-    def __init__(self, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse") -> None:
+    def __init__(self, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse",
+                 deterministic: bool = True) -> None:
         self.backend, self.chunk_size, self.phase = backend, chunk_size, phase
+        self.deterministic = deterministic  # Triton backward: fixed-order dK=V (else fp32 atomics)
 
 
 class V4Attention(nn.Module):
@@ -93,7 +95,8 @@ class V4Attention(nn.Module):
 
         out, lse = v4_attention(q, kv, self.attn_sink, cfg.sliding_window, self.softmax_scale,
                                 compressed_kv=compressed, ratio=self.ratio, topk_idx=topk_idx,
-                                backend=opts.backend, chunk_size=opts.chunk_size)  # [B, S, H, c]
+                                backend=opts.backend, chunk_size=opts.chunk_size,
+                                deterministic=opts.deterministic)  # [B, S, H, c]
 
         indexer_loss = None
         if index is not None and self.training:

@@ -46,12 +46,12 @@ class Block(nn.Module):
 
 
 class DSV4Model(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse"
-                 ) -> None:
+    def __init__(self, cfg: ModelConfig, backend: str = "auto", chunk_size: int = 128, phase: str = "sparse",
+                 deterministic: bool = True) -> None:
         super().__init__()
         self.config = cfg
         self.options = AttentionOptions()
-        self.set_attention_options(backend=backend, chunk_size=chunk_size, phase=phase)
+        self.set_attention_options(backend=backend, chunk_size=chunk_size, phase=phase, deterministic=deterministic)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i, self.options) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -73,8 +73,8 @@ class DSV4Model(nn.Module):
                 nn.init.zeros_(module.attn_sink)
 
     def set_attention_options(self, backend: str | None = None, chunk_size: int | None = None,
-                              phase: str | None = None) -> None:
-        """Change the attention backend, query chunk size or CSA phase (shared by every layer)."""
+                              phase: str | None = None, deterministic: bool | None = None) -> None:
+        """Change the attention backend, query chunk size, CSA phase or dK=V determinism (all layers)."""
         if backend is not None:
             if backend not in BACKENDS:
                 raise ValueError(f"attention.backend={backend!r}: choose from {', '.join(BACKENDS)}")
@@ -87,6 +87,8 @@ class DSV4Model(nn.Module):
             if phase not in PHASES:
                 raise ValueError(f"attention phase {phase!r}: choose from {', '.join(PHASES)}")
             self.options.phase = phase
+        if deterministic is not None:
+            self.options.deterministic = deterministic
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int = 0):
         """input_ids [B, S] -> logits [B, S, vocab]; with labels [B, S] (already shifted, -100 = ignore)
@@ -113,7 +115,8 @@ class DSV4Model(nn.Module):
         )
 
 
-def build_model(cfg, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse") -> DSV4Model:
+def build_model(cfg, backend: str = "auto", chunk_size: int = 128, phase: str = "sparse",
+                deterministic: bool = True) -> DSV4Model:
     """Build the decoder from a ModelConfig, a dict, or an OmegaConf node with model keys."""
     if not isinstance(cfg, ModelConfig):
         try:
@@ -124,4 +127,4 @@ def build_model(cfg, backend: str = "torch", chunk_size: int = 128, phase: str =
         except ImportError:  # pragma: no cover - omegaconf ships with hydra
             pass
         cfg = ModelConfig.from_dict(dict(cfg))
-    return DSV4Model(cfg, backend=backend, chunk_size=chunk_size, phase=phase)
+    return DSV4Model(cfg, backend=backend, chunk_size=chunk_size, phase=phase, deterministic=deterministic)

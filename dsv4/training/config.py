@@ -18,8 +18,9 @@ LAYOUTS = ("window", "csa", "hca", "dense", "v4_flash", "v4_pro")
 class AttentionConfig:
     layout: str | None = None  # null: keep model.compress_ratios; else a named schedule (LAYOUTS)
     hca_ratio: int | None = None  # ratio used by layouts for HCA layers (null: the model's, else 128)
-    backend: str = "auto"  # auto | torch | naive
+    backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch | naive
     query_chunk_size: int = 128
+    deterministic: bool = True  # Triton backward: fixed-order dK=V instead of fp32 atomics
 
 
 @dataclass
@@ -159,7 +160,8 @@ def _check(run: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r}: {msg}")
 
     a, d, t, lg = run.attention, run.deepspeed, run.train, run.logging
-    need(a.backend in ("auto", "torch", "naive"), "attention.backend", a.backend, "choose auto, torch or naive")
+    need(a.backend in ("auto", "triton", "torch", "naive"), "attention.backend", a.backend,
+         "choose auto, triton, torch or naive")
     need(a.query_chunk_size >= 1, "attention.query_chunk_size", a.query_chunk_size, "must be >= 1")
     need(a.hca_ratio is None or a.hca_ratio > CSA_RATIO, "attention.hca_ratio", a.hca_ratio, "must be > 4")
     need(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "choose 0, 1, 2 or 3")

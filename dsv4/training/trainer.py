@@ -139,9 +139,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = MetricsLogger(run.logging.wandb, run_dir, is_main, resolved)
 
     torch.manual_seed(run.train.seed)
-    backend = "torch" if run.attention.backend == "auto" else run.attention.backend
-    model = DSV4Model(run.model, backend=backend, chunk_size=run.attention.query_chunk_size,
-                      phase=phase_for_step(run.train, 0))
+    model = DSV4Model(run.model, backend=run.attention.backend, chunk_size=run.attention.query_chunk_size,
+                      phase=phase_for_step(run.train, 0), deterministic=run.attention.deterministic)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, run.train.weight_decay), lr=run.train.lr,
                                   betas=tuple(run.train.betas), eps=run.train.eps)

@@ -20,6 +20,8 @@ torch otherwise). `deterministic` picks the Triton backward's dK=V path (fixed o
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsv4.ops.v4_attention.naive import v4_attention_naive
@@ -46,6 +48,9 @@ def v4_attention(
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     if backend == "triton":
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+            raise RuntimeError("attention.backend=triton: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                               "set before dsv4 is imported to run them (slowly) on the CPU")
         from dsv4.ops.v4_attention.triton_op import v4_attention_triton
 
         return v4_attention_triton(q, kv, sink, window, softmax_scale, compressed_kv, ratio, topk_idx, deterministic)
