@@ -15,6 +15,10 @@ Loss (teacher = the conditional of the joint softmax, detached): for each query 
     target_t(s) = mean_h exp(z_{t,h,s} - lse_{t,h}),  mass_t = sum_s target_t(s),  p_t = target_t / mass_t
     L = mean_t  mass_t * KL(p_t || softmax_{s in C_t} I[t, s])
 over queries with at least one candidate. Only index_q / index_k / weights receive gradients.
+
+Backends: "naive" (full [B, S, N] oracle), "torch" (query chunks), "triton" (query chunks whose scores and
+dense teacher come from the kernels in triton.py; sparse candidates use the chunked torch gather), "auto"
+(triton for CUDA tensors).
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from dsv4.ops.indexer.naive import indexer_kl_naive, indexer_topk_naive
 from dsv4.ops.indexer.torch_chunked import indexer_kl_chunked, indexer_topk_chunked
 
 
+def _use_triton(backend: str, x) -> bool:
+    return backend == "triton" or (backend == "auto" and x.is_cuda)
+
+
 def indexer_topk(index_q, index_k, weights, ratio: int, topk: int, backend: str = "torch", chunk_size: int = 128):
     if backend == "naive":
         return indexer_topk_naive(index_q, index_k, weights, ratio, topk)
-    return indexer_topk_chunked(index_q, index_k, weights, ratio, topk, chunk_size)
+    return indexer_topk_chunked(index_q, index_k, weights, ratio, topk, chunk_size, _use_triton(backend, index_q))
 
 
 def indexer_kl_loss(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
@@ -35,4 +43,4 @@ def indexer_kl_loss(q, compressed_kv, lse, index_q, index_k, weights, ratio: int
         return indexer_kl_naive(q.detach(), compressed_kv.detach(), lse.detach(), index_q, index_k, weights,
                                 ratio, softmax_scale, topk_idx)
     return indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio, softmax_scale, topk_idx,
-                              chunk_size)
+                              chunk_size, _use_triton(backend, q))

@@ -17,8 +17,8 @@ def _chunk_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.T
     return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
 
 
-def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk_size: int = 128
-                         ) -> torch.Tensor:
+def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk_size: int = 128,
+                         use_triton: bool = False) -> torch.Tensor:
     batch, seq_len = index_q.shape[:2]
     num_entries = index_k.shape[1]
     k = min(topk, num_entries)
@@ -29,19 +29,34 @@ def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk
             n_vis = min(num_entries, last // ratio)  # no query of this chunk sees beyond
             if n_vis == 0:
                 continue
-            scores = _chunk_scores(index_q[:, first:last], index_k[:, :n_vis], weights[:, first:last])
-            visible = causal_visible(last - first, n_vis, ratio, index_q.device, first)
-            scores = scores.masked_fill(~visible[None], float("-inf"))
+            if use_triton:  # heads reduced and causal mask applied inside the kernel
+                from dsv4.ops.indexer.triton import index_scores
+
+                scores = index_scores(index_q[:, first:last], index_k[:, :n_vis], weights[:, first:last], first,
+                                      ratio)
+            else:
+                scores = _chunk_scores(index_q[:, first:last], index_k[:, :n_vis], weights[:, first:last])
+                visible = causal_visible(last - first, n_vis, ratio, index_q.device, first)
+                scores = scores.masked_fill(~visible[None], float("-inf"))
             kk = min(k, n_vis)
             values, idx = topk_recent_first(scores, kk)
             out[:, first:last, :kk] = torch.where(torch.isinf(values), -1, idx)
     return out
 
 
-def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, first: int, ratio: int, softmax_scale: float):
+def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, first: int, ratio: int, softmax_scale: float,
+              use_triton: bool = False):
     """Sum over this chunk's queries of mass_t * KL_t, and the count of queries with candidates."""
     batch, n_q = q.shape[:2]
     device = q.device
+    if picks is None and use_triton:  # dense candidates: per-head work reduced inside the kernels
+        from dsv4.ops.indexer.triton import index_scores, teacher_dense
+
+        candidates = causal_visible(n_q, cmp.shape[1], ratio, device, first)[None].expand(batch, -1, -1)
+        with torch.no_grad():
+            target = teacher_dense(q, cmp, lse, first, ratio, softmax_scale)
+        student = index_scores(index_q, index_k, weights, first, ratio).masked_fill(~candidates, float("-inf"))
+        return _kl_terms(target, student, candidates)
     if picks is None:
         cand_keys, cand_index_k = cmp, index_k  # [B, N, D], [B, N, c_I]
         candidates = causal_visible(n_q, cmp.shape[1], ratio, device, first)[None].expand(batch, -1, -1)
@@ -56,11 +71,16 @@ def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, first: int, ratio: 
             z = torch.einsum("bthd,btkd->bthk", q.float(), cmp[batch_ix, safe].float()) * softmax_scale
         dots = torch.einsum("bthc,btkc->bthk", index_q.float(), index_k[batch_ix, safe].float())
     with torch.no_grad():
-        p = torch.exp(z - lse.float()[..., None]) * candidates[:, :, None, :]
-        target = p.mean(dim=2)
+        target = (torch.exp(z - lse.float()[..., None]) * candidates[:, :, None, :]).mean(dim=2)
+    student = torch.einsum("bth,bthn->btn", weights.float(), dots.relu()).masked_fill(~candidates, float("-inf"))
+    return _kl_terms(target, student, candidates)
+
+
+def _kl_terms(target: torch.Tensor, student: torch.Tensor, candidates: torch.Tensor):
+    """target [B, T, n] (teacher mass per candidate), student [B, T, n] logits (-inf off candidates)."""
+    with torch.no_grad():
         mass = target.sum(-1)
         p_hat = target / mass.clamp_min(1e-30)[..., None]
-    student = torch.einsum("bth,bthn->btn", weights.float(), dots.relu()).masked_fill(~candidates, float("-inf"))
     log_s = torch.log_softmax(student, dim=-1).masked_fill(~candidates, 0.0)
     kl = (torch.xlogy(p_hat, p_hat) - p_hat * log_s).sum(-1)
     has = candidates.any(-1)
@@ -68,7 +88,8 @@ def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, first: int, ratio: 
 
 
 def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                       topk_idx: torch.Tensor | None = None, chunk_size: int = 128) -> torch.Tensor:
+                       topk_idx: torch.Tensor | None = None, chunk_size: int = 128, use_triton: bool = False
+                       ) -> torch.Tensor:
     seq_len = q.shape[1]
     num_entries = compressed_kv.shape[1]
     q, compressed_kv, lse = q.detach(), compressed_kv.detach(), lse.detach()  # the teacher is detached
@@ -85,7 +106,7 @@ def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: 
         else:
             cmp, idx_k, picks = compressed_kv, index_k, topk_idx[:, first:last]
         args = (q[:, first:last], cmp, lse[:, first:last], index_q[:, first:last], idx_k, weights[:, first:last],
-                picks, first, ratio, softmax_scale)
+                picks, first, ratio, softmax_scale, use_triton)
         if recompute:
             part, n = checkpoint(_kl_chunk, *args, use_reentrant=False)
         else:

@@ -62,7 +62,7 @@ def _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, KV, CKV, IDX, SINK, O, LSE,
+    Q, KV, CKV, IDX, SINK, OUT, LSE,
     stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs, stride_cb, stride_cs, stride_ib, stride_is,
     S, H, N, K, WINDOW, RATIO, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -112,8 +112,8 @@ def _attn_fwd_kernel(
     l_i = l_i * alpha + tl.exp(b_sink - m_new)
     acc = acc * alpha[:, None]
     b_o = acc / l_i[:, None]
-    p_o = O + i_b * stride_qb + i_t.to(tl.int64) * stride_qs + o_h[:, None] * stride_qh + o_d[None, :]
-    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_h[:, None] & m_d[None, :])
+    p_o = OUT + i_b * stride_qb + i_t.to(tl.int64) * stride_qs + o_h[:, None] * stride_qh + o_d[None, :]
+    tl.store(p_o, b_o.to(OUT.dtype.element_ty), mask=m_h[:, None] & m_d[None, :])
     p_lse = LSE + (i_b * S + i_t) * H + o_h
     tl.store(p_lse, m_new + tl.log(l_i), mask=m_h)
 

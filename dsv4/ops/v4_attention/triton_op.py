@@ -3,15 +3,13 @@
 (No `from __future__ import annotations` here: custom_op reads the real type hints.)
 """
 
-from typing import Optional
-
 import torch
 
 from dsv4.ops.v4_attention.triton import attention_bwd, attention_fwd
 
 
 @torch.library.custom_op("dsv4::v4_attention_fwd", mutates_args=())
-def v4_attention_fwd_op(q: torch.Tensor, kv: torch.Tensor, ckv: Optional[torch.Tensor], idx: Optional[torch.Tensor],
+def v4_attention_fwd_op(q: torch.Tensor, kv: torch.Tensor, ckv: torch.Tensor | None, idx: torch.Tensor | None,
                         sink: torch.Tensor, window: int, ratio: int, scale: float, deterministic: bool
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_fwd(q, kv, ckv, idx, sink, window, ratio, scale)
@@ -23,8 +21,8 @@ def _fwd_fake(q, kv, ckv, idx, sink, window, ratio, scale, deterministic):
 
 
 @torch.library.custom_op("dsv4::v4_attention_bwd", mutates_args=())
-def v4_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, ckv: Optional[torch.Tensor],
-                        idx: Optional[torch.Tensor], sink: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+def v4_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, ckv: torch.Tensor | None,
+                        idx: torch.Tensor | None, sink: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                         window: int, ratio: int, scale: float, deterministic: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dkv, dckv, dsink = attention_bwd(do, q, kv, ckv, idx, sink, out, lse, window, ratio, scale, deterministic)

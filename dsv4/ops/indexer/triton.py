@@ -1,0 +1,233 @@
+"""Triton kernels for the lightning indexer, used one query chunk at a time (never [B, S, N] at full size).
+
+- `index_scores`: I[t, s] = sum_h w[t, h] * relu(q_h[t] . k[s]) for a chunk of queries against the entries
+  they may see, with the causal mask (-inf for s >= (t+1)//ratio) applied in the kernel. Heads are
+  reduced inside the kernel, so the [T, n_I, N] per-head dots never reach memory. Differentiable
+  (custom op + autograd): backward gives d index_q, d weights (one program per query block) and
+  d index_k (one program per entry block, deterministic).
+- `teacher_dense`: the KL teacher over every visible entry, mean_h exp(q_h . c_s * scale - lse_h),
+  again reduced over heads in the kernel.
+Top-k then runs on the chunk's scores (dsv4.ops.indexer.naive.topk_recent_first: fixed tie rule).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.v4_attention.triton import INTERPRET, _load_rows, _new
+
+
+@triton.jit
+def _index_scores_kernel(
+    IQ, IK, W, OUT, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    T, N, NH, FIRST, RATIO,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_n, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_k = _load_rows(IK + i_b * stride_kb, o_n, stride_kn, o_c, m_n, m_c, UPCAST)  # [BN, BC]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+    for h in range(NH):
+        b_q = _load_rows(IQ + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_c, m_t, m_c, UPCAST)
+        b_w = tl.load(W + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, mask=m_t, other=0.0).to(tl.float32)
+        b_z = tl.dot(b_q, tl.trans(b_k))
+        acc += b_w[:, None] * tl.maximum(b_z, 0.0)
+    if MASK:
+        visible = o_n[None, :] < (FIRST + o_t[:, None] + 1) // RATIO
+        acc = tl.where(visible, acc, float("-inf"))
+    p_out = OUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
+    tl.store(p_out, acc, mask=m_t[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _index_scores_bwd_q_kernel(
+    IQ, IK, W, DOUT, DQ, DW, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    T, N, NH,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    for h in range(NH):
+        b_q = _load_rows(IQ + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_c, m_t, m_c, UPCAST)
+        p_w = W + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h
+        b_w = tl.load(p_w, mask=m_t, other=0.0).to(tl.float32)
+        dq = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+        dw = tl.zeros([BLOCK_T], tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            o_n = n0 + tl.arange(0, BLOCK_N)
+            m_n = o_n < N
+            b_k = _load_rows(IK + i_b * stride_kb, o_n, stride_kn, o_c, m_n, m_c, UPCAST)
+            p_g = DOUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
+            b_g = tl.load(p_g, mask=m_t[:, None] & m_n[None, :], other=0.0)
+            b_z = tl.dot(b_q, tl.trans(b_k))
+            dw += tl.sum(b_g * tl.maximum(b_z, 0.0), axis=1)
+            b_gz = tl.where(b_z > 0, b_g * b_w[:, None], 0.0)
+            dq += tl.dot(b_gz.to(b_k.dtype), b_k)
+        p_dq = DQ + i_b * stride_qb + h * stride_qh + o_t.to(tl.int64)[:, None] * stride_qt + o_c[None, :]
+        tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
+        tl.store(DW + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, dw, mask=m_t)
+
+
+@triton.jit
+def _index_scores_bwd_k_kernel(
+    IQ, IK, W, DOUT, DK, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    T, N, NH,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_n, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    b_k = _load_rows(IK + i_b * stride_kb, o_n, stride_kn, o_c, m_n, m_c, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        o_t = t0 + tl.arange(0, BLOCK_T)
+        m_t = o_t < T
+        p_g = DOUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
+        b_g = tl.load(p_g, mask=m_t[:, None] & m_n[None, :], other=0.0)
+        for h in range(NH):
+            b_q = _load_rows(IQ + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_c, m_t, m_c, UPCAST)
+            b_w = tl.load(W + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, mask=m_t, other=0.0)
+            b_z = tl.dot(b_q, tl.trans(b_k))
+            b_gz = tl.where(b_z > 0, b_g * b_w.to(tl.float32)[:, None], 0.0)
+            dk += tl.dot(tl.trans(b_gz.to(b_q.dtype)), b_q)
+    p_dk = DK + i_b * N * C + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
+    tl.store(p_dk, dk, mask=m_n[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _teacher_dense_kernel(
+    Q, CKV, LSE, OUT, stride_qb, stride_qt, stride_qh, stride_cb, stride_cn, stride_lb, stride_lt,
+    T, N, H, FIRST, RATIO, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i_n, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    m_t = o_t < T
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cn, o_d, m_n, m_d, UPCAST)
+    acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
+    for h in range(H):
+        b_q = _load_rows(Q + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_d, m_t, m_d, UPCAST)
+        b_lse = tl.load(LSE + i_b * stride_lb + o_t.to(tl.int64) * stride_lt + h, mask=m_t, other=0.0)
+        b_z = tl.dot(b_q, tl.trans(b_k)) * scale
+        acc += tl.exp(b_z - b_lse[:, None])
+    visible = (o_n[None, :] < (FIRST + o_t[:, None] + 1) // RATIO) & m_t[:, None]
+    acc = tl.where(visible, acc / H, 0.0)
+    p_out = OUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
+    tl.store(p_out, acc, mask=m_t[:, None] & m_n[None, :])
+
+
+def _cfg(x: torch.Tensor, width: int) -> dict:
+    return dict(BLOCK_T=16, BLOCK_N=32, UPCAST=INTERPRET or x.dtype == torch.float32,
+                BLOCK_C=triton.next_power_of_2(width), C=width)
+
+
+def _scores_launch(index_q, index_k, weights, first: int, ratio: int, mask: bool) -> torch.Tensor:
+    batch, n_q, n_heads, width = index_q.shape
+    n_entries = index_k.shape[1]
+    out = _new((batch, n_q, n_entries), index_q, torch.float32)
+    cfg = _cfg(index_q, width)
+    grid = (triton.cdiv(n_entries, cfg["BLOCK_N"]), triton.cdiv(n_q, cfg["BLOCK_T"]), batch)
+    _index_scores_kernel[grid](
+        index_q, index_k, weights, out, index_q.stride(0), index_q.stride(1), index_q.stride(2),
+        index_k.stride(0), index_k.stride(1), weights.stride(0), weights.stride(1),
+        n_q, n_entries, n_heads, first, max(ratio, 1), MASK=mask, **cfg)
+    return out
+
+
+@torch.library.custom_op("dsv4::index_scores", mutates_args=())
+def index_scores_op(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor, first: int, ratio: int,
+                    mask: bool) -> torch.Tensor:
+    return _scores_launch(index_q, index_k, weights, first, ratio, mask)
+
+
+@index_scores_op.register_fake
+def _scores_fake(index_q, index_k, weights, first, ratio, mask):
+    return index_q.new_empty((index_q.shape[0], index_q.shape[1], index_k.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::index_scores_bwd", mutates_args=())
+def index_scores_bwd_op(grad: torch.Tensor, index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad must be 0 wherever the forward wrote -inf (masked entries)."""
+    batch, n_q, n_heads, width = index_q.shape
+    n_entries = index_k.shape[1]
+    grad = grad.contiguous()
+    cfg = _cfg(index_q, width)
+    dq = _new(index_q.shape, index_q)
+    dw = _new(weights.shape, weights, torch.float32)
+    dk = _new(index_k.shape, index_k, torch.float32)
+    strides = (index_q.stride(0), index_q.stride(1), index_q.stride(2), index_k.stride(0), index_k.stride(1),
+               weights.stride(0), weights.stride(1))
+    _index_scores_bwd_q_kernel[(triton.cdiv(n_q, cfg["BLOCK_T"]), batch)](
+        index_q, index_k, weights, grad, dq, dw, *strides, n_q, n_entries, n_heads, **cfg)
+    _index_scores_bwd_k_kernel[(triton.cdiv(n_entries, cfg["BLOCK_N"]), batch)](
+        index_q, index_k, weights, grad, dk, *strides, n_q, n_entries, n_heads, **cfg)
+    return dq, dk.to(index_k.dtype), dw.to(weights.dtype)
+
+
+@index_scores_bwd_op.register_fake
+def _scores_bwd_fake(grad, index_q, index_k, weights):
+    return torch.empty_like(index_q), torch.empty_like(index_k), torch.empty_like(weights)
+
+
+def _scores_setup(ctx, inputs, output):
+    index_q, index_k, weights, _, _, _ = inputs
+    ctx.save_for_backward(index_q, index_k, weights)
+
+
+def _scores_backward(ctx, grad):
+    index_q, index_k, weights = ctx.saved_tensors
+    grad = torch.where(torch.isfinite(grad), grad, 0.0)
+    dq, dk, dw = index_scores_bwd_op(grad, index_q, index_k, weights)
+    return dq, dk, dw, None, None, None
+
+
+index_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
+
+
+def index_scores(index_q, index_k, weights, first: int = 0, ratio: int = 1, mask: bool = True) -> torch.Tensor:
+    """Scores of a query chunk [B, T, n_I, c_I] (first query at absolute position `first`) against entries
+    [B, N, c_I] -> [B, T, N] fp32, -inf where masked (when `mask`)."""
+    return index_scores_op(index_q.contiguous(), index_k.contiguous(), weights.float().contiguous(), int(first),
+                           int(ratio), bool(mask))
+
+
+@torch.library.custom_op("dsv4::teacher_dense", mutates_args=())
+def teacher_dense_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, first: int, ratio: int, scale: float
+                     ) -> torch.Tensor:
+    batch, n_q, n_heads, dim = q.shape
+    n_entries = ckv.shape[1]
+    out = _new((batch, n_q, n_entries), q, torch.float32)
+    cfg = dict(BLOCK_T=16, BLOCK_N=16 if dim >= 256 else 32, UPCAST=INTERPRET or q.dtype == torch.float32,
+               BLOCK_D=triton.next_power_of_2(dim), D=dim)
+    grid = (triton.cdiv(n_entries, cfg["BLOCK_N"]), triton.cdiv(n_q, cfg["BLOCK_T"]), batch)
+    _teacher_dense_kernel[grid](
+        q, ckv, lse, out, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1), lse.stride(0),
+        lse.stride(1), n_q, n_entries, n_heads, first, max(ratio, 1), scale, **cfg)
+    return out
+
+
+@teacher_dense_op.register_fake
+def _teacher_fake(q, ckv, lse, first, ratio, scale):
+    return q.new_empty((q.shape[0], q.shape[1], ckv.shape[1]), dtype=torch.float32)
+
+
+def teacher_dense(q, ckv, lse, first: int, ratio: int, scale: float) -> torch.Tensor:
+    """mean_h exp(q_h . c_s * scale - lse_h) for visible entries (0 elsewhere): [B, T, N] fp32, no grad."""
+    return teacher_dense_op(q.detach().contiguous(), ckv.detach().contiguous(), lse.detach().float().contiguous(),
+                            int(first), int(ratio), float(scale))
