@@ -7,7 +7,13 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRITON_INTERPRET", "1")
+try:  # Triton kernels run on the GPU when there is one, else under the interpreter (tiny shapes)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:  # pragma: no cover
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -12,6 +12,9 @@ from dsv4 import build_model
 from dsv4.ops.v4_attention import v4_attention
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Kernel outputs start as NaN: any element a kernel forgets to write fails the comparison."""
@@ -22,7 +25,7 @@ def make_inputs(batch, seq_len, heads, dim, n_entries, k, mode, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
 
     q, kv, sink = rand(batch, seq_len, heads, dim), rand(batch, seq_len, dim), rand(heads)
     cmp = rand(batch, n_entries, dim) if mode != "window" else None
@@ -31,6 +34,7 @@ def make_inputs(batch, seq_len, heads, dim, n_entries, k, mode, dtype, seed):
         picks = torch.stack([torch.randperm(n_entries, generator=gen)[:k] for _ in range(batch * seq_len)])
         picks = picks.view(batch, seq_len, k)
         picks[torch.rand(picks.shape, generator=gen) < 0.25] = -1
+        picks = picks.to(DEVICE)
     return q, kv, sink, cmp, picks
 
 
@@ -38,7 +42,7 @@ def compare(seq_len, heads, mode, dtype, deterministic, dim=16, window=5, ratio=
     n_entries = max(seq_len // ratio, k if mode == "sparse" else 1)
     q, kv, sink, cmp, picks = make_inputs(2, seq_len, heads, dim, n_entries, k, mode, dtype, seed)
     wrt = [q, kv, sink] + ([cmp] if cmp is not None else [])
-    out_grad = torch.randn(2, seq_len, heads, dim, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    out_grad = torch.randn(2, seq_len, heads, dim, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     results = []
     for backend in ("naive", "triton"):
         out, lse = v4_attention(q, kv, sink, window, dim ** -0.5, compressed_kv=cmp, ratio=ratio, topk_idx=picks,
@@ -110,10 +114,10 @@ TINY = dict(vocab_size=61, hidden_size=32, num_hidden_layers=4, intermediate_siz
 @pytest.mark.parametrize("phase", ["indexer_warmup", "sparse"])
 def test_model_triton_backend_matches_torch_backend(phase):
     torch.manual_seed(0)
-    ref = build_model(TINY, backend="torch", phase=phase)
+    ref = build_model(TINY, backend="torch", phase=phase).to(DEVICE)
     tri = copy.deepcopy(ref)
     tri.set_attention_options(backend="triton")
-    ids = torch.randint(0, 61, (2, 37))
+    ids = torch.randint(0, 61, (2, 37), device=DEVICE)
     outs = []
     for model in (ref, tri):
         out = model(ids, labels=ids)
@@ -129,9 +133,9 @@ def test_model_triton_backend_matches_torch_backend(phase):
 
 def test_model_trains_a_few_steps_on_the_triton_backend():
     torch.manual_seed(1)
-    model = build_model(TINY, backend="triton", phase="sparse")
+    model = build_model(TINY, backend="triton", phase="sparse").to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.randint(0, 61, (2, 24))
+    ids = torch.randint(0, 61, (2, 24), device=DEVICE)
     losses = []
     for _ in range(4):
         out = model(ids, labels=ids)
@@ -144,6 +148,6 @@ def test_model_trains_a_few_steps_on_the_triton_backend():
 
 def test_triton_backend_on_cpu_without_interpreter_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, kv, sink, _, _ = make_inputs(1, 3, 1, 16, 1, 1, "window", torch.float32, seed=0)
+    q, kv, sink = torch.randn(1, 3, 1, 16), torch.randn(1, 3, 16), torch.zeros(1)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         v4_attention(q, kv, sink, 2, 0.25, backend="triton")

@@ -9,6 +9,9 @@ from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
 from dsv4.ops.indexer.triton import index_scores
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
+
+
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     monkeypatch.setattr(triton_kernels, "POISON_OUTPUTS", True)
@@ -18,7 +21,7 @@ def inputs(seq_len, n_entries, dtype=torch.float32, seed=0, n_heads=3, width=8):
     gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype).requires_grad_()
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_()
 
     return rand(2, seq_len, n_heads, width), rand(2, n_entries, width), rand(2, seq_len, n_heads)
 
@@ -38,8 +41,8 @@ def test_scores_kernel_masks_and_reduces_heads():
     got = index_scores(index_q[:, 7:19], index_k, weights[:, 7:19], first=7, ratio=4)
     dots = torch.einsum("bthc,bsc->bths", index_q[:, 7:19].float(), index_k.float()).relu()
     ref = torch.einsum("bth,bths->bts", weights[:, 7:19].float(), dots)
-    t = torch.arange(7, 19)[:, None]
-    visible = torch.arange(4)[None, :] < (t + 1) // 4
+    t = torch.arange(7, 19, device=DEVICE)[:, None]
+    visible = torch.arange(4, device=DEVICE)[None, :] < (t + 1) // 4
     assert torch.equal(torch.isinf(got), ~visible[None].expand_as(got))
     assert torch.allclose(got[:, visible], ref[:, visible], atol=1e-5)
 
@@ -51,9 +54,9 @@ def test_kl_loss_and_grads_match_naive(sparse, dtype, seq_len):
     n_entries, n_heads, dim = seq_len // 4, 2, 16
     index_q, index_k, weights = inputs(seq_len, n_entries, dtype=dtype, seed=seq_len)
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(2, seq_len, n_heads, dim, generator=gen).to(dtype)
-    cmp = torch.randn(2, n_entries, dim, generator=gen).to(dtype)
-    lse = torch.logsumexp(torch.randn(2, seq_len, n_heads, 12, generator=gen), -1) + 1.0
+    q = torch.randn(2, seq_len, n_heads, dim, generator=gen).to(DEVICE, dtype)
+    cmp = torch.randn(2, n_entries, dim, generator=gen).to(DEVICE, dtype)
+    lse = (torch.logsumexp(torch.randn(2, seq_len, n_heads, 12, generator=gen), -1) + 1.0).to(DEVICE)
     picks = indexer_topk(index_q, index_k, weights, 4, 3, backend="naive") if sparse else None
     results = []
     for backend in ("naive", "triton"):

@@ -1,0 +1,170 @@
+"""Time forward+backward of one V4 attention layer (CSA, HCA, window-only) against dense causal attention.
+
+    python benchmarks/attention.py                       # GPU: V4-Flash layer sizes, S = 4K .. 128K
+    python benchmarks/attention.py --preset tiny         # CPU: tiny sizes, so the script never rots
+    python benchmarks/attention.py --lengths 4096 16384 --paths triton torch dense
+
+Each row: one layer module (projections, compressor, indexer, attention core, output projection),
+forward + backward of a random input, batch 1, after warm-up; the median of --repeats runs.
+
+Columns:
+  ms        wall time of forward + backward (CUDA events on GPU, perf_counter on CPU)
+  TFLOP/s   useful FLOPs / time. Useful FLOPs = 3 x forward FLOPs (backward ~ 2 x forward), where the
+            forward counts the layer's linear maps (2 x params x tokens) and the attention core at
+            4 * H * D per (query, key) pair actually attended: window min(t+1, W), plus every visible entry
+            (HCA) or min(k, visible) picks (CSA), plus CSA's indexer scoring 2 * n_I * c_I per visible
+            entry. Dense: 4 * H * d_h per causal pair (t+1 keys).
+  GB/s      the attention core's unavoidable traffic / time: q, o, do, dq once, plus the K=V rows each query
+            reads (window + compressed), bf16 -- rows shared by heads are counted once per query.
+  peak GiB  torch.cuda.max_memory_allocated during the step (GPU only).
+
+The dense baseline: head_dim 512 is out of reach of FlashAttention (<= 256) and SDPA has no sink, so it
+is compared at the SAME MODEL WIDTH as a standard layer: n_h heads of hidden/n_h dims (64 for V4-Flash),
+full Q/K/V/O projections, causal SDPA (FlashAttention on GPU). That is what a user would otherwise train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsv4.attention import AttentionOptions, DenseAttention, V4Attention  # noqa: E402
+from dsv4.config import ModelConfig  # noqa: E402
+
+PRESETS = {
+    "flash": dict(vocab_size=4096, hidden_size=4096, num_hidden_layers=1, intermediate_size=2048,
+                  num_attention_heads=64, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024, o_groups=8,
+                  o_lora_rank=1024, sliding_window=128, compress_ratios=[4], index_n_heads=64, index_head_dim=128,
+                  index_topk=512, num_key_value_heads=64),
+    "tiny": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=1, intermediate_size=384, num_attention_heads=4,
+                 head_dim=64, qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=64,
+                 compress_ratios=[4], index_n_heads=4, index_head_dim=32, index_topk=16, num_key_value_heads=4),
+}
+
+
+def layer_for(kind: str, base: dict, ratio_hca: int, path: str, chunk: int) -> torch.nn.Module:
+    ratio = {"csa": 4, "hca": ratio_hca, "window": 0, "dense": -1}[kind]
+    cfg = ModelConfig(**{**base, "compress_ratios": [ratio]})
+    options = AttentionOptions(backend=path if path != "dense" else "torch", chunk_size=chunk, phase="sparse")
+    return (DenseAttention if kind == "dense" else V4Attention)(cfg, 0, options)
+
+
+def useful_flops(kind: str, cfg: ModelConfig, seq_len: int, ratio: int, layer: torch.nn.Module) -> float:
+    linear = 2 * seq_len * sum(p.numel() for n, p in layer.named_parameters()
+                               if p.dim() == 2 and not n.endswith("ape"))
+    t = torch.arange(seq_len, dtype=torch.float64)
+    if kind == "dense":
+        d_h = cfg.resolved_dense_head_dim
+        return 3 * (linear + 4 * cfg.num_attention_heads * d_h * float((t + 1).sum()))
+    keys = torch.clamp(t + 1, max=cfg.sliding_window)
+    index = 0.0
+    if kind == "hca":
+        keys = keys + torch.div(t + 1, ratio, rounding_mode="floor")
+    if kind == "csa":
+        visible = torch.div(t + 1, 4, rounding_mode="floor")
+        keys = keys + torch.clamp(visible, max=cfg.index_topk)
+        index = 2 * cfg.index_n_heads * cfg.index_head_dim * float(visible.sum())
+    core = 4 * cfg.num_attention_heads * cfg.head_dim * float(keys.sum())
+    return 3 * (linear + core) + index  # indexer scoring: forward only (top-k)
+
+
+def core_bytes(kind: str, cfg: ModelConfig, seq_len: int, ratio: int) -> float:
+    if kind == "dense":
+        d_h = cfg.resolved_dense_head_dim
+        return 2 * (4 * seq_len * cfg.num_attention_heads * d_h + 4 * seq_len * cfg.num_key_value_heads * d_h)
+    t = torch.arange(seq_len, dtype=torch.float64)
+    rows = torch.clamp(t + 1, max=cfg.sliding_window)
+    if kind == "hca":
+        rows = rows + torch.div(t + 1, ratio, rounding_mode="floor")
+    if kind == "csa":
+        rows = rows + torch.clamp(torch.div(t + 1, 4, rounding_mode="floor"), max=cfg.index_topk)
+    qo = 4 * seq_len * cfg.num_attention_heads * cfg.head_dim
+    return 2 * (qo + cfg.head_dim * float(rows.sum()) * 2)  # rows read in forward and in backward
+
+
+def time_step(layer, x, positions, repeats: int) -> tuple[float, float]:
+    cuda = x.is_cuda
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(repeats + 1):
+        layer.zero_grad(set_to_none=True)
+        xi = x.detach().requires_grad_(True)
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out, aux = layer(xi, positions)
+        loss = out.float().square().mean() + (aux if aux is not None else 0.0)
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        if i > 0:  # the first run warms up (compiles kernels, allocates)
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="flash" if cuda else "tiny")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        default=[4096, 8192, 16384, 32768, 65536, 131072] if cuda else [512, 1024, 2048])
+    parser.add_argument("--kinds", nargs="+", default=["csa", "hca", "window", "dense"])
+    parser.add_argument("--paths", nargs="+", default=["triton", "torch"] if cuda else ["torch"],
+                        help="V4 paths to time (triton needs CUDA or TRITON_INTERPRET=1)")
+    parser.add_argument("--hca-ratio", type=int, default=128)
+    parser.add_argument("--chunk", type=int, default=256, help="query chunk of the torch path")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    base = PRESETS[args.preset]
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    print(f"# V4 attention layer fwd+bwd | preset {args.preset} | {args.dtype} | batch 1 | {name} | torch "
+          f"{torch.__version__}")
+    print(f"{'kind':<7} {'path':<7} {'S':>7} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'peak GiB':>9} {'vs dense':>9}")
+    for seq_len in args.lengths:
+        dense_ms = None
+        rows = []
+        for kind in args.kinds:
+            for path in (["dense"] if kind == "dense" else args.paths):
+                torch.manual_seed(0)
+                layer = layer_for(kind, base, args.hca_ratio, path, args.chunk).to(device=device, dtype=dtype)
+                if hasattr(layer, "attn_sink"):
+                    layer.attn_sink.data = layer.attn_sink.data.float()
+                x = torch.randn(1, seq_len, base["hidden_size"], device=device, dtype=dtype)
+                positions = torch.arange(seq_len, device=device)
+                try:
+                    sec, peak = time_step(layer, x, positions, args.repeats)
+                except torch.OutOfMemoryError:
+                    rows.append((kind, path, seq_len, None, None, None, None))
+                    torch.cuda.empty_cache()
+                    continue
+                cfg = layer.cfg if hasattr(layer, "cfg") else ModelConfig(**{**base, "compress_ratios": [-1]})
+                flops = useful_flops(kind, cfg, seq_len, args.hca_ratio, layer)
+                nbytes = core_bytes(kind, cfg, seq_len, args.hca_ratio)
+                rows.append((kind, path, seq_len, sec * 1e3, flops / sec / 1e12, nbytes / sec / 1e9, peak))
+                if kind == "dense":
+                    dense_ms = sec * 1e3
+                del layer, x
+        for kind, path, seq_len_, ms, tflops, gbs, peak in rows:
+            if ms is None:
+                print(f"{kind:<7} {path:<7} {seq_len_:>7} {'OOM':>10}")
+                continue
+            ratio = f"{dense_ms / ms:>8.2f}x" if dense_ms else f"{'':>9}"
+            print(f"{kind:<7} {path:<7} {seq_len_:>7} {ms:>10.2f} {tflops:>8.3f} {gbs:>8.1f} {peak:>9.2f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()
