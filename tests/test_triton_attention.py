@@ -11,7 +11,6 @@ import dsv4.ops.v4_attention.triton as triton_kernels
 from dsv4 import build_model
 from dsv4.ops.v4_attention import v4_attention
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
 
 

@@ -8,7 +8,6 @@ import dsv4.ops.v4_attention.triton as triton_kernels
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
 from dsv4.ops.indexer.triton import index_scores
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
 
 
