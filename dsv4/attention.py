@@ -25,6 +25,7 @@ from dsv4.compressor import Compressor, Indexer
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
+from dsv4.ops.ranges import document_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
 from dsv4.rope import Rotary
 
@@ -68,12 +69,18 @@ class V4Attention(nn.Module):
         if self.kind == "csa":
             self.indexer = Indexer(cfg, self.ratio)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: [B, S, d]; positions: [S] absolute positions (start_pos + arange(S)).
-        Returns (output [B, S, d], indexer loss or None)."""
+        """x: [B, S, d]. positions: [S] absolute positions (start_pos + arange(S)); or, with documents=True,
+        [B, S] positions inside each packed document (0 at each document start: attention, compressor groups
+        and RoPE restart there). Returns (output [B, S, d], indexer loss or None)."""
         cfg, opts = self.cfg, self.options
         batch, seq_len, _ = x.shape
+        ranges, starts = None, None
+        if documents:
+            starts = group_starts(positions, self.ratio) if self.ratio else None
+            ranges = document_ranges(positions, cfg.sliding_window, self.ratio, starts)
+        doc_positions = positions if documents else None
         q_latent = self.q_norm(self.wq_a(x))  # [B, S, d_c]
         q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
         q = rms_normalize(q, cfg.rms_norm_eps)  # per head, no gain
@@ -84,25 +91,25 @@ class V4Attention(nn.Module):
         topk_idx = None
         index = None
         if self.ratio:
-            compressed = self.compressor(x, self.rotary, start_pos)  # [B, N, c]
+            compressed = self.compressor(x, self.rotary, start_pos, doc_positions, starts)  # [B, N, c]
             if compressed.shape[1] == 0:
                 compressed = None
         if self.kind == "csa" and compressed is not None and opts.phase in ("indexer_warmup", "sparse"):
-            index = self.indexer(x, q_latent, self.rotary, positions, start_pos)
+            index = self.indexer(x, q_latent, self.rotary, positions, start_pos, doc_positions, starts)
             if opts.phase == "sparse":
                 topk_idx = indexer_topk(*index, ratio=self.ratio, topk=cfg.index_topk, backend=opts.backend,
-                                        chunk_size=opts.chunk_size)
+                                        chunk_size=opts.chunk_size, ranges=ranges)
 
         out, lse = v4_attention(q, kv, self.attn_sink, cfg.sliding_window, self.softmax_scale,
                                 compressed_kv=compressed, ratio=self.ratio, topk_idx=topk_idx,
                                 backend=opts.backend, chunk_size=opts.chunk_size,
-                                deterministic=opts.deterministic)  # [B, S, H, c]
+                                deterministic=opts.deterministic, ranges=ranges)  # [B, S, H, c]
 
         indexer_loss = None
         if index is not None and self.training:
             indexer_loss = indexer_kl_loss(q, compressed, lse, *index, ratio=self.ratio,
                                            softmax_scale=self.softmax_scale, topk_idx=topk_idx,
-                                           backend=opts.backend, chunk_size=opts.chunk_size)
+                                           backend=opts.backend, chunk_size=opts.chunk_size, ranges=ranges)
 
         out = self.rotary(out, positions, inverse=True)  # de-rotate at the query position
         out = out.reshape(batch, seq_len, cfg.o_groups, -1)  # consecutive heads per group
@@ -122,11 +129,18 @@ class DenseAttention(nn.Module):
         self.wo = Linear(self.n_heads * self.head_dim, cfg.hidden_size)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, None)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False
+                ) -> tuple[torch.Tensor, None]:
         batch, seq_len, _ = x.shape
         q = self.rotary(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), positions)
         k = self.rotary(self.wk(x).view(batch, seq_len, self.n_kv, self.head_dim), positions)
         v = self.wv(x).view(batch, seq_len, self.n_kv, self.head_dim)
+        mask = None
+        if documents:  # causal AND same document: [B, 1, S, S]
+            doc = torch.cumsum(positions == 0, dim=1)
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
+            mask = (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+                                             attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1)), None

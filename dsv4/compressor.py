@@ -31,30 +31,67 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int = 0) -> torch.Tensor:
-        """x: [B, S, hidden] -> entries [B, S // ratio, dim] (x's dtype), RoPE'd at start_pos + i * ratio."""
+    def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int = 0, doc_positions: torch.Tensor | None = None,
+                starts: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, S, hidden] -> entries [B, N, dim] (x's dtype).
+
+        Plain sequence: N = S // ratio, group i = tokens i*ratio .. i*ratio+ratio-1, RoPE'd at
+        start_pos + i * ratio. Packed documents (doc_positions [B, S], 0 at each document start; starts from
+        dsv4.ops.ranges.group_starts): groups count from each document's start, entry n starts at row
+        starts[b, n] and is RoPE'd at its document position; padding entries (start = S) are zero."""
+        if doc_positions is not None:
+            return self._forward_documents(x, rotary, doc_positions, starts)
         batch, seq_len, _ = x.shape
-        r, c = self.ratio, self.dim
+        r = self.ratio
         n_groups = seq_len // r
         if n_groups == 0:
-            return x.new_zeros(batch, 0, c)
+            return x.new_zeros(batch, 0, self.dim)
         x = x[:, : n_groups * r]
         values = self.wkv(x).view(batch, n_groups, r, -1)  # fp32 [B, G, r, width]
         logits = self.wgate(x).view(batch, n_groups, r, -1) + self.ape.float()
-        if self.overlap:
-            look_values, cur_values = values[..., :c], values[..., c:]
-            look_logits, cur_logits = logits[..., :c], logits[..., c:]
-            # entry i reads group i-1 through its lookback series; entry 0 has none (-inf, value 0)
-            prev_values = torch.cat((look_values.new_zeros(batch, 1, r, c), look_values[:, :-1]), dim=1)
-            prev_logits = torch.cat((look_logits.new_full((batch, 1, r, c), float("-inf")), look_logits[:, :-1]),
-                                    dim=1)
-            values = torch.cat((prev_values, cur_values), dim=2)  # [B, G, 2r, c]
-            logits = torch.cat((prev_logits, cur_logits), dim=2)
-        weights = torch.softmax(logits, dim=2)  # per channel, over the slots of a group
-        pooled = (weights * values).sum(dim=2)  # [B, G, c] fp32
-        entries = self.norm(pooled)
+        has_lookback = torch.arange(n_groups, device=x.device) > 0  # entry 0 has no previous group
+        pooled = self._pool(values, logits, self._previous(values), self._previous(logits), has_lookback)
         positions = start_pos + torch.arange(n_groups, device=x.device) * r
-        return rotary(entries, positions).to(x.dtype)
+        return rotary(self.norm(pooled), positions).to(x.dtype)
+
+    @staticmethod
+    def _previous(t: torch.Tensor) -> torch.Tensor:
+        """Group i-1's rows for every group i ([B, G, r, w]; group 0 gets a copy of itself, masked later)."""
+        return torch.cat((t[:, :1], t[:, :-1]), dim=1)
+
+    def _pool(self, values, logits, prev_values, prev_logits, has_lookback) -> torch.Tensor:
+        """Softmax-pool the slots of each group per channel -> [B, G, c] fp32."""
+        c = self.dim
+        if self.overlap:
+            # entry i = group i-1's lookback series (first c channels) + group i's current series (last c)
+            lookback_logits = prev_logits[..., :c].masked_fill(~has_lookback[..., None, None], float("-inf"))
+            values = torch.cat((prev_values[..., :c] * has_lookback[..., None, None], values[..., c:]), dim=-2)
+            logits = torch.cat((lookback_logits, logits[..., c:]), dim=-2)  # [B, G, 2r, c]
+        weights = torch.softmax(logits, dim=-2)  # per channel, over the slots of a group
+        return (weights * values).sum(dim=-2)
+
+    def _forward_documents(self, x, rotary, doc_positions, starts) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        r = self.ratio
+        n_entries = starts.shape[1]
+        if n_entries == 0:
+            return x.new_zeros(batch, 0, self.dim)
+        valid = starts < seq_len  # [B, N]
+        rows = starts.clamp(max=seq_len - 1)[..., None] + torch.arange(r, device=x.device)  # [B, N, r]
+        rows = rows.clamp(max=seq_len - 1)
+        batch_ix = torch.arange(batch, device=x.device)[:, None, None]
+        values_all = self.wkv(x)  # fp32 [B, S, width]
+        logits_all = self.wgate(x)
+        values = values_all[batch_ix, rows]  # [B, N, r, width]
+        logits = logits_all[batch_ix, rows] + self.ape.float()
+        entry_pos = doc_positions.gather(1, starts.clamp(max=seq_len - 1))  # [B, N] position in the document
+        has_lookback = valid & (entry_pos >= r)  # the document's previous group is in this sequence
+        prev_rows = (rows - r).clamp(min=0)
+        prev_values = values_all[batch_ix, prev_rows]
+        prev_logits = logits_all[batch_ix, prev_rows] + self.ape.float()
+        pooled = self._pool(values, logits, prev_values, prev_logits, has_lookback)
+        entries = rotary(self.norm(pooled), entry_pos) * valid[..., None]
+        return entries.to(x.dtype)
 
 
 class Indexer(nn.Module):
@@ -71,12 +108,13 @@ class Indexer(nn.Module):
         self.weight_scale = (cfg.index_head_dim * cfg.index_n_heads) ** -0.5
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rotary: Rotary, positions: torch.Tensor,
-                start_pos: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                start_pos: int, doc_positions: torch.Tensor | None = None, starts: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> index_q [B, S, n_I, c_I], index_k [B, N, c_I], weights [B, S, n_I]."""
         x, q_latent = x.detach(), q_latent.detach()
         batch, seq_len, _ = x.shape
         index_q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
         index_q = rotary(index_q, positions)
-        index_k = self.compressor(x, rotary, start_pos)
+        index_k = self.compressor(x, rotary, start_pos, doc_positions, starts)
         weights = self.weights_proj(x).float() * self.weight_scale
         return index_q, index_k, weights

@@ -39,8 +39,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int):
-        attn_out, indexer_loss = self.attn(self.attn_norm(x), positions, start_pos)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int, documents: bool):
+        attn_out, indexer_loss = self.attn(self.attn_norm(x), positions, start_pos, documents)
         x = x + attn_out
         return x + self.ffn(self.ffn_norm(x)), indexer_loss
 
@@ -90,14 +90,25 @@ class DSV4Model(nn.Module):
         if deterministic is not None:
             self.options.deterministic = deterministic
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int = 0):
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int = 0,
+                positions: torch.Tensor | None = None):
         """input_ids [B, S] -> logits [B, S, vocab]; with labels [B, S] (already shifted, -100 = ignore)
-        -> ModelOutput. start_pos: absolute position of the first token."""
-        positions = start_pos + torch.arange(input_ids.shape[1], device=input_ids.device)
+        -> ModelOutput. start_pos: absolute position of the first token.
+
+        positions [B, S] (optional): packed documents with document masking. Each token's position inside
+        its document, 0 at every document start; attention never crosses a document boundary, compressor
+        groups and RoPE restart at each document, so each document is processed as if it were alone."""
+        documents = positions is not None
+        if documents:
+            if positions.shape != input_ids.shape:
+                raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")
+            positions = positions.to(input_ids.device).long()
+        else:
+            positions = start_pos + torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed(input_ids)
         indexer_losses = []
         for layer in self.layers:
-            x, indexer_loss = layer(x, positions, start_pos)
+            x, indexer_loss = layer(x, positions, start_pos, documents)
             if indexer_loss is not None:
                 indexer_losses.append(indexer_loss)
         logits = self.head(self.norm(x))

@@ -9,6 +9,7 @@ import torch
 
 import dsv4.ops.v4_attention.triton as triton_kernels
 from dsv4 import build_model
+from dsv4.ops.ranges import document_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
@@ -37,15 +38,16 @@ def make_inputs(batch, seq_len, heads, dim, n_entries, k, mode, dtype, seed):
     return q, kv, sink, cmp, picks
 
 
-def compare(seq_len, heads, mode, dtype, deterministic, dim=16, window=5, ratio=4, k=3, seed=0):
-    n_entries = max(seq_len // ratio, k if mode == "sparse" else 1)
+def compare(seq_len, heads, mode, dtype, deterministic, dim=16, window=5, ratio=4, k=3, seed=0, ranges=None,
+            n_entries=None):
+    n_entries = n_entries or max(seq_len // ratio, k if mode == "sparse" else 1)
     q, kv, sink, cmp, picks = make_inputs(2, seq_len, heads, dim, n_entries, k, mode, dtype, seed)
     wrt = [q, kv, sink] + ([cmp] if cmp is not None else [])
     out_grad = torch.randn(2, seq_len, heads, dim, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE, dtype)
     results = []
     for backend in ("naive", "triton"):
         out, lse = v4_attention(q, kv, sink, window, dim ** -0.5, compressed_kv=cmp, ratio=ratio, topk_idx=picks,
-                                backend=backend, deterministic=deterministic)
+                                backend=backend, deterministic=deterministic, ranges=ranges)
         grads = torch.autograd.grad((out.float() * out_grad.float()).sum(), wrt)
         results.append((out, lse, grads))
     (o_ref, l_ref, g_ref), (o, lse, g) = results
@@ -81,6 +83,17 @@ def test_kernels_match_oracle_block_edges(seq_len, mode):
     """Lengths just off the block sizes and the ratio; non-power-of-two head_dim (24) pads the D block."""
     compare(seq_len, heads=2, mode=mode, dtype=torch.float32, deterministic=True, dim=24, window=9, k=4,
             seed=seq_len)
+
+
+@pytest.mark.parametrize("mode", ["window", "dense", "sparse"])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_kernels_with_document_ranges(mode, deterministic):
+    """Packed documents: per-query ranges that stop at document starts (window and dense entries)."""
+    positions = torch.cat([torch.arange(n) for n in (5, 1, 9, 7, 10)])[None].expand(2, -1).to(DEVICE)
+    starts = group_starts(positions, 4)
+    ranges = document_ranges(positions, 4, 4, starts)
+    compare(positions.shape[1], heads=3, mode=mode, dtype=torch.float32, deterministic=deterministic, window=4,
+            ranges=ranges, n_entries=starts.shape[1], seed=3)
 
 
 def test_deterministic_dkv_is_bitwise_repeatable():
@@ -128,6 +141,23 @@ def test_model_triton_backend_matches_torch_backend(phase):
     assert set(g1) == set(g2)
     for name in g1:
         assert torch.allclose(g1[name], g2[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_model_triton_backend_with_documents_matches_torch_backend():
+    torch.manual_seed(2)
+    ref = build_model(TINY, backend="torch", phase="sparse").to(DEVICE)
+    tri = copy.deepcopy(ref)
+    tri.set_attention_options(backend="triton")
+    ids = torch.randint(0, 61, (2, 30), device=DEVICE)
+    positions = torch.cat([torch.arange(n) for n in (9, 4, 17)])[None].expand(2, -1).to(DEVICE)
+    outs = []
+    for model in (ref, tri):
+        out = model(ids, labels=ids, positions=positions)
+        (out.lm_loss + out.indexer_loss).backward()
+        outs.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    for name in outs[0][1]:
+        assert torch.allclose(outs[0][1][name], outs[1][1][name], atol=1e-5, rtol=1e-4), name
 
 
 def test_model_trains_a_few_steps_on_the_triton_backend():

@@ -7,6 +7,7 @@ import torch
 import dsv4.ops.v4_attention.triton as triton_kernels
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
 from dsv4.ops.indexer.triton import index_scores
+from dsv4.ops.ranges import causal_ranges
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
 
@@ -37,7 +38,8 @@ def test_topk_matches_naive(seq_len):
 
 def test_scores_kernel_masks_and_reduces_heads():
     index_q, index_k, weights = inputs(19, 4, seed=3, n_heads=5, width=12)
-    got = index_scores(index_q[:, 7:19], index_k, weights[:, 7:19], first=7, ratio=4)
+    ranges = causal_ranges(2, 19, 1, 4, index_q.device).slice(7, 19)
+    got = index_scores(index_q[:, 7:19], index_k, weights[:, 7:19], ranges)
     dots = torch.einsum("bthc,bsc->bths", index_q[:, 7:19].float(), index_k.float()).relu()
     ref = torch.einsum("bth,bths->bts", weights[:, 7:19].float(), dots)
     t = torch.arange(7, 19, device=DEVICE)[:, None]
@@ -74,7 +76,7 @@ def test_index_scores_under_torch_compile():
     index_q, index_k, weights = inputs(9, 3, seed=7)
 
     def f(q, k, w):
-        s = index_scores(q, k, w, first=0, ratio=2)
+        s = index_scores(q, k, w, causal_ranges(q.shape[0], q.shape[1], 1, 2, q.device))
         return torch.where(torch.isfinite(s), s, 0.0).sum()
 
     eager = f(index_q, index_k, weights)

@@ -7,8 +7,9 @@ Shapes: index_q [B, S, n_I, c_I] (RoPE applied), index_k [B, N, c_I], weights [B
 q [B, S, H, D] and compressed_kv [B, N, D] are the main attention's (teacher), lse [B, S, H] its joint
 log-sum-exp over window + compressed + sink.
 
-Score: I[t, s] = sum_h weights[t, h] * relu(index_q[t, h] . index_k[s]); entries s >= (t+1)//ratio are
-masked to -inf BEFORE top-k; picks that land on a masked entry become -1.
+Score: I[t, s] = sum_h weights[t, h] * relu(index_q[t, h] . index_k[s]); entries a query may not see
+(s >= (t+1)//ratio for a plain sequence; `ranges` in general, see dsv4/ops/ranges.py) are masked to -inf
+BEFORE top-k; picks that land on a masked entry become -1.
 
 Loss (teacher = the conditional of the joint softmax, detached): for each query t with candidates C_t
 (every visible entry when topk_idx is None: the dense warm-up; the query's picks otherwise: sparse),
@@ -31,16 +32,18 @@ def _use_triton(backend: str, x) -> bool:
     return backend == "triton" or (backend == "auto" and x.is_cuda)
 
 
-def indexer_topk(index_q, index_k, weights, ratio: int, topk: int, backend: str = "torch", chunk_size: int = 128):
+def indexer_topk(index_q, index_k, weights, ratio: int, topk: int, backend: str = "torch", chunk_size: int = 128,
+                 ranges=None):
     if backend == "naive":
-        return indexer_topk_naive(index_q, index_k, weights, ratio, topk)
-    return indexer_topk_chunked(index_q, index_k, weights, ratio, topk, chunk_size, _use_triton(backend, index_q))
+        return indexer_topk_naive(index_q, index_k, weights, ratio, topk, ranges)
+    return indexer_topk_chunked(index_q, index_k, weights, ratio, topk, chunk_size, _use_triton(backend, index_q),
+                                ranges)
 
 
 def indexer_kl_loss(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                    topk_idx=None, backend: str = "torch", chunk_size: int = 128):
+                    topk_idx=None, backend: str = "torch", chunk_size: int = 128, ranges=None):
     if backend == "naive":
         return indexer_kl_naive(q.detach(), compressed_kv.detach(), lse.detach(), index_q, index_k, weights,
-                                ratio, softmax_scale, topk_idx)
+                                ratio, softmax_scale, topk_idx, ranges)
     return indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio, softmax_scale, topk_idx,
-                              chunk_size, _use_triton(backend, q))
+                              chunk_size, _use_triton(backend, q), ranges)

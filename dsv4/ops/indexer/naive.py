@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.ranges import AttentionRanges, causal_ranges
+
 
 def indexer_scores_naive(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """I[b, t, s] = sum_h weights[b, t, h] * relu(index_q[b, t, h] . index_k[b, s]) -> [B, S, N] fp32."""
@@ -11,12 +13,10 @@ def indexer_scores_naive(index_q: torch.Tensor, index_k: torch.Tensor, weights: 
     return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
 
 
-def causal_visible(seq_len: int, num_entries: int, ratio: int, device: torch.device, first_query: int = 0
-                   ) -> torch.Tensor:
-    """[T, N] bool: entry s visible to query t iff s < (t+1)//ratio (the whole group has been seen)."""
-    t = first_query + torch.arange(seq_len, device=device)
-    s = torch.arange(num_entries, device=device)
-    return s[None, :] < ((t[:, None] + 1) // ratio)
+def visible_entries(ranges: AttentionRanges, first_entry: int, num_entries: int) -> torch.Tensor:
+    """[B, T, n] bool: entry first_entry + s is visible to each query of `ranges` (cmp_lo <= . < cmp_hi)."""
+    s = first_entry + torch.arange(num_entries, device=ranges.cmp_lo.device)
+    return (s[None, None, :] >= ranges.cmp_lo[..., None]) & (s[None, None, :] < ranges.cmp_hi[..., None])
 
 
 def topk_recent_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,23 +30,28 @@ def topk_recent_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     return values[..., :k], (n - 1) - order[..., :k]
 
 
-def indexer_topk_naive(index_q, index_k, weights, ratio: int, topk: int) -> torch.Tensor:
-    seq_len, num_entries = index_q.shape[1], index_k.shape[1]
+def _ranges(ranges, index_q, ratio):
+    return ranges if ranges is not None else causal_ranges(index_q.shape[0], index_q.shape[1], 1, ratio,
+                                                           index_q.device)
+
+
+def indexer_topk_naive(index_q, index_k, weights, ratio: int, topk: int, ranges: AttentionRanges | None = None
+                       ) -> torch.Tensor:
+    num_entries = index_k.shape[1]
     scores = indexer_scores_naive(index_q, index_k, weights)
-    visible = causal_visible(seq_len, num_entries, ratio, index_q.device)
-    scores = scores.masked_fill(~visible[None], float("-inf"))  # mask BEFORE top-k
+    visible = visible_entries(_ranges(ranges, index_q, ratio), 0, num_entries)
+    scores = scores.masked_fill(~visible, float("-inf"))  # mask BEFORE top-k
     k = min(topk, num_entries)
     values, idx = topk_recent_first(scores, k)
     return torch.where(torch.isinf(values), -1, idx)
 
 
 def indexer_kl_naive(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                     topk_idx: torch.Tensor | None = None) -> torch.Tensor:
+                     topk_idx: torch.Tensor | None = None, ranges: AttentionRanges | None = None) -> torch.Tensor:
     """Mean over queries with >= 1 candidate of  mass_t * KL(p_hat_t || softmax(I_t)) ; see loss docs."""
     seq_len, num_entries = q.shape[1], compressed_kv.shape[1]
-    visible = causal_visible(seq_len, num_entries, ratio, q.device)[None]  # [1, S, N]
     if topk_idx is None:
-        candidates = visible.expand(q.shape[0], -1, -1)
+        candidates = visible_entries(_ranges(ranges, q, ratio), 0, num_entries)
     else:
         candidates = torch.zeros(q.shape[0], seq_len, num_entries + 1, dtype=torch.bool, device=q.device)
         candidates.scatter_(2, torch.where(topk_idx < 0, num_entries, topk_idx).long(), True)

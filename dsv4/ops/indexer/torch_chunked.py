@@ -1,7 +1,8 @@
 """Query-chunked lightning indexer: never holds the [B, S, n_I, N] (or [B, S, N]) scores at full size.
 
 Top-k runs chunk by chunk without autograd. The KL loss recomputes each chunk's student scores
-in backward (activation checkpointing), so its memory is bounded by one chunk as well.
+in backward (activation checkpointing), so its memory is bounded by one chunk as well. With
+use_triton, the per-chunk scores and the dense teacher come from the kernels in triton.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dsv4.ops.indexer.naive import causal_visible, topk_recent_first
+from dsv4.ops.indexer.naive import _ranges, topk_recent_first, visible_entries
+from dsv4.ops.ranges import AttentionRanges
 
 
 def _chunk_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -17,52 +19,59 @@ def _chunk_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.T
     return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
 
 
+def _entry_slice(r: AttentionRanges) -> tuple[int, int]:
+    """The entries any query of this chunk may see: [first, last)."""
+    first = int(r.cmp_lo.min())
+    return first, max(int(r.cmp_hi.max()), first)
+
+
+def _masked_scores(index_q, index_k, weights, r: AttentionRanges, first_entry: int, use_triton: bool):
+    if use_triton:  # heads reduced and the visibility mask applied inside the kernel
+        from dsv4.ops.indexer.triton import index_scores
+
+        return index_scores(index_q, index_k, weights, r, first_entry)
+    scores = _chunk_scores(index_q, index_k, weights)
+    return scores.masked_fill(~visible_entries(r, first_entry, index_k.shape[1]), float("-inf"))
+
+
 def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk_size: int = 128,
-                         use_triton: bool = False) -> torch.Tensor:
+                         use_triton: bool = False, ranges: AttentionRanges | None = None) -> torch.Tensor:
     batch, seq_len = index_q.shape[:2]
-    num_entries = index_k.shape[1]
-    k = min(topk, num_entries)
+    ranges = _ranges(ranges, index_q, ratio)
+    k = min(topk, index_k.shape[1])
     out = torch.full((batch, seq_len, k), -1, dtype=torch.long, device=index_q.device)
     with torch.no_grad():
         for first in range(0, seq_len, chunk_size):
             last = min(first + chunk_size, seq_len)
-            n_vis = min(num_entries, last // ratio)  # no query of this chunk sees beyond
-            if n_vis == 0:
+            r = ranges.slice(first, last)
+            e0, e1 = _entry_slice(r)
+            if e1 == e0:
                 continue
-            if use_triton:  # heads reduced and causal mask applied inside the kernel
-                from dsv4.ops.indexer.triton import index_scores
-
-                scores = index_scores(index_q[:, first:last], index_k[:, :n_vis], weights[:, first:last], first,
-                                      ratio)
-            else:
-                scores = _chunk_scores(index_q[:, first:last], index_k[:, :n_vis], weights[:, first:last])
-                visible = causal_visible(last - first, n_vis, ratio, index_q.device, first)
-                scores = scores.masked_fill(~visible[None], float("-inf"))
-            kk = min(k, n_vis)
+            scores = _masked_scores(index_q[:, first:last], index_k[:, e0:e1], weights[:, first:last], r, e0,
+                                    use_triton)
+            kk = min(k, e1 - e0)
             values, idx = topk_recent_first(scores, kk)
-            out[:, first:last, :kk] = torch.where(torch.isinf(values), -1, idx)
+            out[:, first:last, :kk] = torch.where(torch.isinf(values), -1, idx + e0)
     return out
 
 
-def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, first: int, ratio: int, softmax_scale: float,
-              use_triton: bool = False):
+def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, r: AttentionRanges, first_entry: int,
+              softmax_scale: float, use_triton: bool):
     """Sum over this chunk's queries of mass_t * KL_t, and the count of queries with candidates."""
-    batch, n_q = q.shape[:2]
+    batch = q.shape[0]
     device = q.device
-    if picks is None and use_triton:  # dense candidates: per-head work reduced inside the kernels
-        from dsv4.ops.indexer.triton import index_scores, teacher_dense
+    if picks is None:  # dense: every visible entry of the slice cmp / index_k
+        candidates = visible_entries(r, first_entry, cmp.shape[1])
+        if use_triton:  # per-head work reduced inside the kernels
+            from dsv4.ops.indexer.triton import index_scores, teacher_dense
 
-        candidates = causal_visible(n_q, cmp.shape[1], ratio, device, first)[None].expand(batch, -1, -1)
+            with torch.no_grad():
+                target = teacher_dense(q, cmp, lse, r, first_entry, softmax_scale)
+            student = index_scores(index_q, index_k, weights, r, first_entry)
+            return _kl_terms(target, student.masked_fill(~candidates, float("-inf")), candidates)
         with torch.no_grad():
-            target = teacher_dense(q, cmp, lse, first, ratio, softmax_scale)
-        student = index_scores(index_q, index_k, weights, first, ratio).masked_fill(~candidates, float("-inf"))
-        return _kl_terms(target, student, candidates)
-    if picks is None:
-        cand_keys, cand_index_k = cmp, index_k  # [B, N, D], [B, N, c_I]
-        candidates = causal_visible(n_q, cmp.shape[1], ratio, device, first)[None].expand(batch, -1, -1)
-        with torch.no_grad():
-            z = torch.einsum("bthd,bnd->bthn", q.float(), cand_keys.float()) * softmax_scale
-        dots = torch.einsum("bthc,bnc->bthn", index_q.float(), cand_index_k.float())
+            z = torch.einsum("bthd,bnd->bthn", q.float(), cmp.float()) * softmax_scale
+        dots = torch.einsum("bthc,bnc->bthn", index_q.float(), index_k.float())
     else:
         candidates = picks >= 0  # [B, T, k]
         batch_ix = torch.arange(batch, device=device)[:, None, None]
@@ -88,25 +97,26 @@ def _kl_terms(target: torch.Tensor, student: torch.Tensor, candidates: torch.Ten
 
 
 def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                       topk_idx: torch.Tensor | None = None, chunk_size: int = 128, use_triton: bool = False
-                       ) -> torch.Tensor:
+                       topk_idx: torch.Tensor | None = None, chunk_size: int = 128, use_triton: bool = False,
+                       ranges: AttentionRanges | None = None) -> torch.Tensor:
     seq_len = q.shape[1]
-    num_entries = compressed_kv.shape[1]
+    ranges = _ranges(ranges, q, ratio)
     q, compressed_kv, lse = q.detach(), compressed_kv.detach(), lse.detach()  # the teacher is detached
     total = index_q.new_zeros((), dtype=torch.float32)
     count = 0
     recompute = torch.is_grad_enabled()
     for first in range(0, seq_len, chunk_size):
         last = min(first + chunk_size, seq_len)
+        r = ranges.slice(first, last)
         if topk_idx is None:
-            n_vis = min(num_entries, last // ratio)
-            if n_vis == 0:
+            e0, e1 = _entry_slice(r)
+            if e1 == e0:
                 continue
-            cmp, idx_k, picks = compressed_kv[:, :n_vis], index_k[:, :n_vis], None
+            cmp, idx_k, picks = compressed_kv[:, e0:e1], index_k[:, e0:e1], None
         else:
-            cmp, idx_k, picks = compressed_kv, index_k, topk_idx[:, first:last]
+            e0, cmp, idx_k, picks = 0, compressed_kv, index_k, topk_idx[:, first:last]
         args = (q[:, first:last], cmp, lse[:, first:last], index_q[:, first:last], idx_k, weights[:, first:last],
-                picks, first, ratio, softmax_scale, use_triton)
+                picks, r, e0, softmax_scale, use_triton)
         if recompute:
             part, n = checkpoint(_kl_chunk, *args, use_reentrant=False)
         else:

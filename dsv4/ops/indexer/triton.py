@@ -19,10 +19,9 @@ from dsv4.ops.v4_attention.triton import INTERPRET, _load_rows, _new
 
 @triton.jit
 def _index_scores_kernel(
-    IQ, IK, W, OUT, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
-    T, N, NH, FIRST, RATIO,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IQ, IK, W, OUT, CLO, CHI, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    T, N, NH, ENTRY0,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_n, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -38,9 +37,10 @@ def _index_scores_kernel(
         b_w = tl.load(W + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, mask=m_t, other=0.0).to(tl.float32)
         b_z = tl.dot(b_q, tl.trans(b_k))
         acc += b_w[:, None] * tl.maximum(b_z, 0.0)
-    if MASK:
-        visible = o_n[None, :] < (FIRST + o_t[:, None] + 1) // RATIO
-        acc = tl.where(visible, acc, float("-inf"))
+    b_lo = tl.load(CLO + i_b * T + o_t, mask=m_t, other=0)
+    b_hi = tl.load(CHI + i_b * T + o_t, mask=m_t, other=0)
+    entry = ENTRY0 + o_n[None, :]
+    acc = tl.where((entry >= b_lo[:, None]) & (entry < b_hi[:, None]), acc, float("-inf"))
     p_out = OUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
     tl.store(p_out, acc, mask=m_t[:, None] & m_n[None, :])
 
@@ -107,8 +107,8 @@ def _index_scores_bwd_k_kernel(
 
 @triton.jit
 def _teacher_dense_kernel(
-    Q, CKV, LSE, OUT, stride_qb, stride_qt, stride_qh, stride_cb, stride_cn, stride_lb, stride_lt,
-    T, N, H, FIRST, RATIO, scale,
+    Q, CKV, LSE, OUT, CLO, CHI, stride_qb, stride_qt, stride_qh, stride_cb, stride_cn, stride_lb, stride_lt,
+    T, N, H, ENTRY0, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_n, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
@@ -125,8 +125,10 @@ def _teacher_dense_kernel(
         b_lse = tl.load(LSE + i_b * stride_lb + o_t.to(tl.int64) * stride_lt + h, mask=m_t, other=0.0)
         b_z = tl.dot(b_q, tl.trans(b_k)) * scale
         acc += tl.exp(b_z - b_lse[:, None])
-    visible = (o_n[None, :] < (FIRST + o_t[:, None] + 1) // RATIO) & m_t[:, None]
-    acc = tl.where(visible, acc / H, 0.0)
+    b_lo = tl.load(CLO + i_b * T + o_t, mask=m_t, other=0)
+    b_hi = tl.load(CHI + i_b * T + o_t, mask=m_t, other=0)
+    entry = ENTRY0 + o_n[None, :]
+    acc = tl.where((entry >= b_lo[:, None]) & (entry < b_hi[:, None]), acc / H, 0.0)
     p_out = OUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
     tl.store(p_out, acc, mask=m_t[:, None] & m_n[None, :])
 
@@ -136,27 +138,27 @@ def _cfg(x: torch.Tensor, width: int) -> dict:
                 BLOCK_C=triton.next_power_of_2(width), C=width)
 
 
-def _scores_launch(index_q, index_k, weights, first: int, ratio: int, mask: bool) -> torch.Tensor:
+def _scores_launch(index_q, index_k, weights, cmp_lo, cmp_hi, entry0: int) -> torch.Tensor:
     batch, n_q, n_heads, width = index_q.shape
     n_entries = index_k.shape[1]
     out = _new((batch, n_q, n_entries), index_q, torch.float32)
     cfg = _cfg(index_q, width)
     grid = (triton.cdiv(n_entries, cfg["BLOCK_N"]), triton.cdiv(n_q, cfg["BLOCK_T"]), batch)
     _index_scores_kernel[grid](
-        index_q, index_k, weights, out, index_q.stride(0), index_q.stride(1), index_q.stride(2),
+        index_q, index_k, weights, out, cmp_lo, cmp_hi, index_q.stride(0), index_q.stride(1), index_q.stride(2),
         index_k.stride(0), index_k.stride(1), weights.stride(0), weights.stride(1),
-        n_q, n_entries, n_heads, first, max(ratio, 1), MASK=mask, **cfg)
+        n_q, n_entries, n_heads, entry0, **cfg)
     return out
 
 
 @torch.library.custom_op("dsv4::index_scores", mutates_args=())
-def index_scores_op(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor, first: int, ratio: int,
-                    mask: bool) -> torch.Tensor:
-    return _scores_launch(index_q, index_k, weights, first, ratio, mask)
+def index_scores_op(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor, cmp_lo: torch.Tensor,
+                    cmp_hi: torch.Tensor, entry0: int) -> torch.Tensor:
+    return _scores_launch(index_q, index_k, weights, cmp_lo, cmp_hi, entry0)
 
 
 @index_scores_op.register_fake
-def _scores_fake(index_q, index_k, weights, first, ratio, mask):
+def _scores_fake(index_q, index_k, weights, cmp_lo, cmp_hi, entry0):
     return index_q.new_empty((index_q.shape[0], index_q.shape[1], index_k.shape[1]), dtype=torch.float32)
 
 
@@ -186,7 +188,7 @@ def _scores_bwd_fake(grad, index_q, index_k, weights):
 
 
 def _scores_setup(ctx, inputs, output):
-    index_q, index_k, weights, _, _, _ = inputs
+    index_q, index_k, weights, _, _, _ = inputs  # (ranges and offset need no gradient)
     ctx.save_for_backward(index_q, index_k, weights)
 
 
@@ -200,16 +202,16 @@ def _scores_backward(ctx, grad):
 index_scores_op.register_autograd(_scores_backward, setup_context=_scores_setup)
 
 
-def index_scores(index_q, index_k, weights, first: int = 0, ratio: int = 1, mask: bool = True) -> torch.Tensor:
-    """Scores of a query chunk [B, T, n_I, c_I] (first query at absolute position `first`) against entries
-    [B, N, c_I] -> [B, T, N] fp32, -inf where masked (when `mask`)."""
-    return index_scores_op(index_q.contiguous(), index_k.contiguous(), weights.float().contiguous(), int(first),
-                           int(ratio), bool(mask))
+def index_scores(index_q, index_k, weights, ranges, entry0: int = 0) -> torch.Tensor:
+    """Scores of a query chunk [B, T, n_I, c_I] against entries entry0 .. entry0+N-1 ([B, N, c_I]) -> [B, T, N]
+    fp32, -inf where the chunk's `ranges` (AttentionRanges of these T queries) hide the entry."""
+    return index_scores_op(index_q.contiguous(), index_k.contiguous(), weights.float().contiguous(),
+                           ranges.cmp_lo.int().contiguous(), ranges.cmp_hi.int().contiguous(), int(entry0))
 
 
 @torch.library.custom_op("dsv4::teacher_dense", mutates_args=())
-def teacher_dense_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, first: int, ratio: int, scale: float
-                     ) -> torch.Tensor:
+def teacher_dense_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, cmp_lo: torch.Tensor,
+                     cmp_hi: torch.Tensor, entry0: int, scale: float) -> torch.Tensor:
     batch, n_q, n_heads, dim = q.shape
     n_entries = ckv.shape[1]
     out = _new((batch, n_q, n_entries), q, torch.float32)
@@ -217,17 +219,18 @@ def teacher_dense_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, firs
                BLOCK_D=triton.next_power_of_2(dim), D=dim)
     grid = (triton.cdiv(n_entries, cfg["BLOCK_N"]), triton.cdiv(n_q, cfg["BLOCK_T"]), batch)
     _teacher_dense_kernel[grid](
-        q, ckv, lse, out, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1), lse.stride(0),
-        lse.stride(1), n_q, n_entries, n_heads, first, max(ratio, 1), scale, **cfg)
+        q, ckv, lse, out, cmp_lo, cmp_hi, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),
+        lse.stride(0), lse.stride(1), n_q, n_entries, n_heads, entry0, scale, **cfg)
     return out
 
 
 @teacher_dense_op.register_fake
-def _teacher_fake(q, ckv, lse, first, ratio, scale):
+def _teacher_fake(q, ckv, lse, cmp_lo, cmp_hi, entry0, scale):
     return q.new_empty((q.shape[0], q.shape[1], ckv.shape[1]), dtype=torch.float32)
 
 
-def teacher_dense(q, ckv, lse, first: int, ratio: int, scale: float) -> torch.Tensor:
+def teacher_dense(q, ckv, lse, ranges, entry0: int, scale: float) -> torch.Tensor:
     """mean_h exp(q_h . c_s * scale - lse_h) for visible entries (0 elsewhere): [B, T, N] fp32, no grad."""
     return teacher_dense_op(q.detach().contiguous(), ckv.detach().contiguous(), lse.detach().float().contiguous(),
-                            int(first), int(ratio), float(scale))
+                            ranges.cmp_lo.int().contiguous(), ranges.cmp_hi.int().contiguous(), int(entry0),
+                            float(scale))

@@ -7,33 +7,27 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.ranges import AttentionRanges
 
-def v4_attention_mask(
-    seq_len: int,
-    window: int,
-    num_compressed: int,
-    ratio: int,
-    topk_idx: torch.Tensor | None,
-    batch: int,
-    device: torch.device,
-) -> torch.Tensor:
+
+def v4_attention_mask(ranges: AttentionRanges, seq_len: int, num_compressed: int,
+                      topk_idx: torch.Tensor | None) -> torch.Tensor:
     """Boolean mask [B, S, S + N]: True where query t may attend key j.
 
-    Keys 0..S-1 are raw tokens (sliding window, the query itself included); keys S..S+N-1 are
-    compressed entries: all visible ones (i < (t+1)//ratio) when topk_idx is None, else exactly the
-    entries listed in topk_idx[b, t] (entries < 0 mean "no key").
-    """
-    t = torch.arange(seq_len, device=device)
+    Keys 0..S-1 are raw rows (window_lo[t] .. window_hi[t]); keys S..S+N-1 are compressed entries: every
+    entry in [cmp_lo[t], cmp_hi[t]) when topk_idx is None, else exactly the entries listed in topk_idx[b, t]
+    (entries < 0 mean "no key")."""
+    device = ranges.window_lo.device
     j = torch.arange(seq_len, device=device)
-    window_mask = (j[None, :] <= t[:, None]) & (j[None, :] > t[:, None] - window)  # [S, S]
-    window_mask = window_mask[None].expand(batch, -1, -1)
+    window_mask = (j[None, None, :] >= ranges.window_lo[..., None]) & (j[None, None, :] <= ranges.window_hi[..., None])
     if num_compressed == 0:
         return window_mask
     if topk_idx is None:
         i = torch.arange(num_compressed, device=device)
-        cmp_mask = (i[None, :] < ((t[:, None] + 1) // ratio))[None].expand(batch, -1, -1)
+        cmp_mask = (i[None, None, :] >= ranges.cmp_lo[..., None]) & (i[None, None, :] < ranges.cmp_hi[..., None])
     else:
         # scatter each query's OWN picks into its row (never a shared key axis: see pitfalls.md 1)
+        batch = topk_idx.shape[0]
         cmp_mask = torch.zeros(batch, seq_len, num_compressed + 1, dtype=torch.bool, device=device)
         idx = torch.where(topk_idx < 0, num_compressed, topk_idx).long()
         cmp_mask.scatter_(2, idx, True)
@@ -45,10 +39,9 @@ def v4_attention_naive(
     q: torch.Tensor,
     kv: torch.Tensor,
     sink: torch.Tensor,
-    window: int,
     softmax_scale: float,
+    ranges: AttentionRanges,
     compressed_kv: torch.Tensor | None = None,
-    ratio: int = 0,
     topk_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `dsv4.ops.v4_attention.v4_attention`; see there for shapes."""
@@ -57,7 +50,7 @@ def v4_attention_naive(
     keys = kv if compressed_kv is None else torch.cat((kv, compressed_kv), dim=1)  # [B, S+N, D]
     keys = keys.float()
     keys_per_head = keys[:, None].expand(batch, n_heads, keys.shape[1], dim)  # K=V expanded over heads
-    mask = v4_attention_mask(seq_len, window, num_compressed, ratio, topk_idx, batch, q.device)  # [B, S, S+N]
+    mask = v4_attention_mask(ranges, kv.shape[1], num_compressed, topk_idx)  # [B, S, S+N]
     scores = torch.einsum("bshd,bhjd->bhsj", q.float(), keys_per_head) * softmax_scale  # [B, H, S, S+N]
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     sink_logit = sink.float()[None, :, None, None].expand(batch, n_heads, seq_len, 1)

@@ -62,9 +62,9 @@ def _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale):
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, KV, CKV, IDX, SINK, OUT, LSE,
+    Q, KV, CKV, IDX, SINK, OUT, LSE, WLO, WHI, CLO, CHI,
     stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs, stride_cb, stride_cs, stride_ib, stride_is,
-    S, H, N, K, WINDOW, RATIO, scale,
+    S, H, N, K, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -79,22 +79,23 @@ def _attn_fwd_kernel(
     p_q = Q + i_b * stride_qb + i_t.to(tl.int64) * stride_qs
     b_q = _load_rows(p_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)  # [BH, BD]
 
+    p_range = i_b * S + i_t
+    w_lo, w_hi = tl.load(WLO + p_range), tl.load(WHI + p_range)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    # 1. window rows (the query itself is always one: m_i is finite after this loop)
-    lo = tl.maximum(i_t - WINDOW + 1, 0)
-    for start in range(lo, i_t + 1, BLOCK_N):
+    # 1. window rows (the query's own row is always one: m_i is finite after this loop)
+    for start in range(w_lo, w_hi + 1, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n <= i_t
+        m_n = o_n <= w_hi
         b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
         m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     # 2. compressed entries
     if MODE == 1:
-        n_vis = (i_t + 1) // RATIO
-        for start in range(0, n_vis, BLOCK_N):
+        c_lo, c_hi = tl.load(CLO + p_range), tl.load(CHI + p_range)
+        for start in range(c_lo, c_hi, BLOCK_N):
             o_n = start + tl.arange(0, BLOCK_N)
-            m_n = o_n < n_vis
+            m_n = o_n < c_hi
             b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
             m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     if MODE == 2:
@@ -136,9 +137,9 @@ def _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dk_base, stride_d
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, KV, CKV, IDX, DO, LSE, DELTA, DQ, DKV, DCKV,
+    Q, KV, CKV, IDX, DO, LSE, DELTA, DQ, DKV, DCKV, WLO, WHI, CLO, CHI,
     stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs, stride_cb, stride_cs, stride_ib, stride_is,
-    S, H, N, K, WINDOW, RATIO, scale,
+    S, SKV, H, N, K, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
 ):
@@ -157,20 +158,21 @@ def _attn_bwd_dq_kernel(
     b_lse = tl.load(LSE + p_stat, mask=m_h, other=0.0)
     b_delta = tl.load(DELTA + p_stat, mask=m_h, other=0.0)
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    # dK=V buffers are fp32 [B, S, D] and [B, N, D], contiguous
-    p_dkv = DKV + i_b * S * D
+    # dK=V buffers are fp32 [B, SKV, D] and [B, N, D], contiguous
+    p_dkv = DKV + i_b * SKV * D
     p_dckv = DCKV + i_b * N * D
-    lo = tl.maximum(i_t - WINDOW + 1, 0)
-    for start in range(lo, i_t + 1, BLOCK_N):
+    p_range = i_b * S + i_t
+    w_lo, w_hi = tl.load(WLO + p_range), tl.load(WHI + p_range)
+    for start in range(w_lo, w_hi + 1, BLOCK_N):
         o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n <= i_t
+        m_n = o_n <= w_hi
         b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
         dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dkv, D, o_d, m_d, scale, ATOMIC)
     if MODE == 1:
-        n_vis = (i_t + 1) // RATIO
-        for start in range(0, n_vis, BLOCK_N):
+        c_lo, c_hi = tl.load(CLO + p_range), tl.load(CHI + p_range)
+        for start in range(c_lo, c_hi, BLOCK_N):
             o_n = start + tl.arange(0, BLOCK_N)
-            m_n = o_n < n_vis
+            m_n = o_n < c_hi
             b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
             dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
     if MODE == 2:
@@ -209,51 +211,36 @@ def _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stri
 
 
 @triton.jit
-def _attn_bwd_dkv_window_kernel(
-    Q, KV, DO, LSE, DELTA, DKV,
-    stride_qb, stride_qs, stride_qh, stride_kvb, stride_kvs,
-    S, H, WINDOW, scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+def _attn_bwd_dk_ranged_kernel(
+    Q, KEYS, DO, LSE, DELTA, DKEYS, LO, HI, RFIRST, RLAST,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
+    S, NK, H, scale,
+    HI_EXCLUSIVE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Deterministic dK=V of raw rows j0..j0+BN-1: their readers are queries j0 .. j0+BN-1+window-1."""
+    """Deterministic d(rows) j0..j0+BN-1 of KEYS (raw rows: [LO, HI] per query; dense entries: [LO, HI)):
+    the queries that read the block are RFIRST..RLAST of the block (ranges are monotone in t)."""
     i_n = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < S
+    m_n = o_n < NK
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
+    b_k = _load_rows(KEYS + i_b * stride_kb, o_n, stride_ks, o_d, m_n, m_d, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    t_hi = tl.minimum(i_n * BLOCK_N + BLOCK_N - 1 + WINDOW - 1, S - 1)
-    for t in range(i_n * BLOCK_N, t_hi + 1):
-        visible = m_n & (o_n <= t) & (o_n > t - WINDOW)
+    n_blocks = tl.cdiv(NK, BLOCK_N)
+    t_first = tl.load(RFIRST + i_b * n_blocks + i_n)
+    t_last = tl.load(RLAST + i_b * n_blocks + i_n)
+    for t in range(t_first, t_last + 1):
+        lo = tl.load(LO + i_b * S + t)
+        hi = tl.load(HI + i_b * S + t)
+        if HI_EXCLUSIVE:
+            visible = m_n & (o_n >= lo) & (o_n < hi)
+        else:
+            visible = m_n & (o_n >= lo) & (o_n <= hi)
         dk = _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
                             o_d, m_d, scale, dk, BLOCK_H, UPCAST)
-    p_dk = DKV + i_b * S * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
-    tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _attn_bwd_dckv_dense_kernel(
-    Q, CKV, DO, LSE, DELTA, DCKV,
-    stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
-    S, H, N, RATIO, scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """Deterministic d(entries) i0..i0+BN-1 in dense mode: entry i is read by every query t >= (i+1)*ratio-1."""
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for t in range((i_n * BLOCK_N + 1) * RATIO - 1, S):
-        visible = m_n & (o_n < (t + 1) // RATIO)
-        dk = _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
-                            o_d, m_d, scale, dk, BLOCK_H, UPCAST)
-    p_dk = DCKV + i_b * N * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+    p_dk = DKEYS + i_b * NK * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
     tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
 
 
@@ -297,8 +284,9 @@ def _mode(ckv, idx) -> int:
     return 0 if ckv is None else (2 if idx is not None else 1)
 
 
-def attention_fwd(q, kv, ckv, idx, sink, window: int, ratio: int, scale: float):
-    """-> out [B, S, H, D] (q.dtype), lse [B, S, H] fp32. See dsv4.ops.v4_attention for shapes."""
+def attention_fwd(q, kv, ckv, idx, sink, ranges: tuple, scale: float):
+    """-> out [B, S, H, D] (q.dtype), lse [B, S, H] fp32. ranges = (window_lo, window_hi, cmp_lo, cmp_hi),
+    each [B, S] int32 contiguous. See dsv4.ops.v4_attention for shapes."""
     batch, seq_len, n_heads, dim = q.shape
     mode = _mode(ckv, idx)
     ckv_ = ckv if ckv is not None else kv
@@ -308,10 +296,10 @@ def attention_fwd(q, kv, ckv, idx, sink, window: int, ratio: int, scale: float):
     cfg = _config(q, dim)
     grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
     _attn_fwd_kernel[grid](
-        q, kv, ckv_, idx_, sink, out, lse,
+        q, kv, ckv_, idx_, sink, out, lse, *ranges,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
         idx_.stride(0), idx_.stride(1),
-        seq_len, n_heads, ckv_.shape[1], idx_.shape[-1], window, max(ratio, 1), scale, MODE=mode, **cfg)
+        seq_len, n_heads, ckv_.shape[1], idx_.shape[-1], scale, MODE=mode, **cfg)
     return out, lse
 
 
@@ -329,10 +317,13 @@ def inverse_index(idx: torch.Tensor, num_entries: int) -> tuple[torch.Tensor, to
     return offsets, query[order].to(torch.int32).contiguous()
 
 
-def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, window: int, ratio: int, scale: float,
-                  deterministic: bool = True):
+def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: float, deterministic: bool = True):
     """-> dq, dkv, dckv (None without ckv), dsink."""
+    from dsv4.ops.ranges import reader_ranges
+
     batch, seq_len, n_heads, dim = q.shape
+    n_rows = kv.shape[1]
+    window_lo, window_hi, cmp_lo, cmp_hi = ranges
     mode = _mode(ckv, idx)
     do = do.contiguous()
     delta = (do.float() * out.float()).sum(-1).contiguous()  # [B, S, H]
@@ -340,33 +331,32 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, window: int, ratio: int, 
     n_entries = ckv_.shape[1]
     idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
     cfg = _config(q, dim)
+    alloc = _new if deterministic else (lambda shape, like, dtype: torch.zeros(shape, dtype=dtype, device=like.device))
     dq = _new(q.shape, q)
-    if deterministic:
-        dkv = _new((batch, seq_len, dim), q, torch.float32)
-        dckv = _new((batch, n_entries, dim), q, torch.float32)
-    else:
-        dkv = torch.zeros(batch, seq_len, dim, dtype=torch.float32, device=q.device)
-        dckv = torch.zeros(batch, n_entries, dim, dtype=torch.float32, device=q.device)
+    dkv = alloc((batch, n_rows, dim), q, torch.float32)
+    dckv = alloc((batch, n_entries, dim), q, torch.float32)
     strides = (q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
                idx_.stride(0), idx_.stride(1))
     grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
     _attn_bwd_dq_kernel[grid](
-        q, kv, ckv_, idx_, do, lse, delta, dq, dkv, dckv, *strides,
-        seq_len, n_heads, n_entries, idx_.shape[-1], window, max(ratio, 1), scale, MODE=mode,
-        ATOMIC=not deterministic, **cfg)
+        q, kv, ckv_, idx_, do, lse, delta, dq, dkv, dckv, *ranges, *strides,
+        seq_len, n_rows, n_heads, n_entries, idx_.shape[-1], scale, MODE=mode, ATOMIC=not deterministic, **cfg)
     if deterministic:
         block_n = cfg["BLOCK_N"]
-        _attn_bwd_dkv_window_kernel[(triton.cdiv(seq_len, block_n), batch)](
-            q, kv, do, lse, delta, dkv, q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-            seq_len, n_heads, window, scale, **cfg)
-        if mode == 1:
-            _attn_bwd_dckv_dense_kernel[(triton.cdiv(n_entries, block_n), batch)](
-                q, ckv, do, lse, delta, dckv, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),
-                seq_len, n_heads, n_entries, ratio, scale, **cfg)
-        if mode == 2:
+        q_strides = (q.stride(0), q.stride(1), q.stride(2))
+        first, last = reader_ranges(window_lo, window_hi, n_rows, block_n)
+        _attn_bwd_dk_ranged_kernel[(triton.cdiv(n_rows, block_n), batch)](
+            q, kv, do, lse, delta, dkv, window_lo, window_hi, first, last, *q_strides, kv.stride(0), kv.stride(1),
+            seq_len, n_rows, n_heads, scale, HI_EXCLUSIVE=False, **cfg)
+        if mode == 1 and n_entries > 0:
+            first, last = reader_ranges(cmp_lo, cmp_hi - 1, n_entries, block_n)
+            _attn_bwd_dk_ranged_kernel[(triton.cdiv(n_entries, block_n), batch)](
+                q, ckv, do, lse, delta, dckv, cmp_lo, cmp_hi, first, last, *q_strides, ckv.stride(0),
+                ckv.stride(1), seq_len, n_entries, n_heads, scale, HI_EXCLUSIVE=True, **cfg)
+        if mode == 2 and n_entries > 0:
             offsets, readers = inverse_index(idx, n_entries)
             _attn_bwd_dckv_sparse_kernel[(n_entries, batch)](
-                q, ckv, do, lse, delta, dckv, offsets, readers, q.stride(0), q.stride(1), q.stride(2),
+                q, ckv, do, lse, delta, dckv, offsets, readers, *q_strides,
                 ckv.stride(0), ckv.stride(1), seq_len, n_heads, n_entries, scale, **cfg)
     # the sink's logit: d lse_{t,h} / d sink_h = p_sink; dL/dsink_h = -sum_t p_sink(t, h) * delta(t, h)
     dsink = -(torch.exp(sink.float()[None, None, :] - lse) * delta).sum(dim=(0, 1))
