@@ -1,18 +1,24 @@
-"""The embedded default data feed: a text corpus, tokenized once, packed into fixed-length sequences.
+"""Packing: documents (each followed by EOS) are concatenated and cut into fixed-length training sequences.
 
-Documents are joined with EOS into one token stream and cut into consecutive sequences of
-seq_len + 1 tokens (inputs = [:-1], labels = [1:]). Every 1/val_fraction-th document is held
-out for validation. The order of training sequences is a seeded permutation per epoch, and the
-sequence a rank reads at (step, micro-step) is a pure function of those numbers, so resuming from a
-checkpoint's step continues the exact data order. (Streaming `datasets`, mixtures and per-rank
-stream state replace this feed in data_pipelines' streaming pipeline; this module is the seam.)
+Each emitted sequence holds seq_len + 1 tokens: inputs = [:-1], labels = [1:]. The last token of a sequence is
+also the first token of the next one, so every token of the stream is a label exactly once and nothing is lost
+or duplicated. A document longer than the room left continues in the next sequence.
+
+With every sequence come, for its S = seq_len input positions:
+  doc_ids   [S]  index of the document segment within this sequence (0, 1, 2, ...); a document's EOS belongs
+                 to that document.
+  positions [S]  position within that segment, 0 at each document start AND at the start of the sequence: a
+                 document continued from the previous sequence restarts at 0, because attention over this
+                 sequence cannot see its earlier part (it is a new context, as if run separately).
+
+Also here: the bundled corpus format (documents separated by `<|doc|>` lines) and the bundled paths.
 """
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,7 +30,7 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 class DataError(RuntimeError):
-    """Data cannot be read. The message names the file or key."""
+    """Data cannot be read or resumed. The message names the key, file or rank, and what to do."""
 
 
 def read_documents(path: Path, key: str = "data.path") -> list[str]:
@@ -54,99 +60,65 @@ def read_documents(path: Path, key: str = "data.path") -> list[str]:
     return docs
 
 
-def load_tokenizer(path: Path | None, key: str = "data.tokenizer"):
-    from tokenizers import Tokenizer
-
-    path = path or BUNDLED_TOKENIZER
-    if not Path(path).is_file():
-        raise DataError(f"{key}: tokenizer file not found: {path}")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-        raise DataError(f"{key}: cannot load tokenizer {path}: {e}") from None
-
-
-def tokenize_documents(docs: list[str], tokenizer, eos_id: int) -> torch.Tensor:
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(docs, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eos_id)
-    return torch.tensor(ids, dtype=torch.int32)
+def split_every_nth(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, validation): every stride-th document is held out. Corpora are often grouped by source, so a
+    tail would not do."""
+    n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
+    stride = len(docs) // n_val if n_val else len(docs) + 1
+    val_ids = set(range(stride - 1, len(docs), stride)[:n_val])
+    train = [d for i, d in enumerate(docs) if i not in val_ids]
+    val = [d for i, d in enumerate(docs) if i in val_ids]
+    return train, val
 
 
-@dataclass
-class PackedSplit:
-    tokens: torch.Tensor  # [num_tokens] int32
-    seq_len: int
+class Packer:
+    """Token buffer that turns documents into sequences of seq_len + 1 tokens with document ids and positions.
 
-    @property
-    def num_sequences(self) -> int:
-        return (len(self.tokens) - 1) // self.seq_len
+    State (JSON-able, part of each rank's resumable data state): the buffered tokens not yet emitted and which
+    of them start a document."""
 
-    def sequence(self, index: int) -> torch.Tensor:
-        start = index * self.seq_len
-        return self.tokens[start: start + self.seq_len + 1].long()
+    def __init__(self, seq_len: int, state: dict[str, Any] | None = None) -> None:
+        self.seq_len = seq_len
+        self.tokens: list[int] = list(state["tokens"]) if state else []
+        self.doc_starts: list[int] = list(state["doc_starts"]) if state else []  # indices into self.tokens
 
+    def needs_more(self) -> bool:
+        return len(self.tokens) < self.seq_len + 1
 
-class PackedTextData:
-    """Packed train/validation sequences from one text corpus, addressable by (step, micro-step, rank)."""
+    def add_document(self, ids: list[int], eos_id: int) -> None:
+        """Append one document's tokens and its EOS."""
+        self.doc_starts.append(len(self.tokens))
+        self.tokens.extend(ids)
+        self.tokens.append(eos_id)
 
-    def __init__(self, path: str | None, tokenizer_path: str | None, seq_len: int, val_fraction: float,
-                 seed: int) -> None:
-        corpus = Path(path) if path else BUNDLED_CORPUS
-        self.source = str(corpus)
-        self.tokenizer = load_tokenizer(Path(tokenizer_path) if tokenizer_path else None)
-        eos_id = self.tokenizer.token_to_id(EOS_TOKEN)
-        if eos_id is None:
-            raise DataError(f"data.tokenizer: the tokenizer has no {EOS_TOKEN} token")
-        self.eos_id = eos_id
-        self.vocab_size = self.tokenizer.get_vocab_size()
-        docs = read_documents(corpus)
-        # every stride-th document is held out: corpora are often grouped by source, so a tail would not do
-        n_val = max(1, int(len(docs) * val_fraction)) if len(docs) > 1 else 0
-        stride = len(docs) // n_val if n_val else len(docs) + 1
-        val_ids = set(range(stride - 1, len(docs), stride)[:n_val])
-        train_docs = [d for i, d in enumerate(docs) if i not in val_ids]
-        val_docs = [d for i, d in enumerate(docs) if i in val_ids]
-        self.train = PackedSplit(tokenize_documents(train_docs, self.tokenizer, eos_id), seq_len)
-        self.val = PackedSplit(tokenize_documents(val_docs or train_docs[-1:], self.tokenizer, eos_id), seq_len)
-        if self.train.num_sequences < 1:
-            raise DataError(f"data.path: {corpus} has {len(self.train.tokens)} training tokens, fewer than "
-                            f"train.seq_len + 1 = {seq_len + 1}")
-        self.seed = seed
-        self._perm_epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
+    def pop_raw(self) -> dict[str, list[int]]:
+        """The next sequence as plain lists: tokens [S + 1] and the document starts among its S inputs."""
+        n = self.seq_len
+        if self.needs_more():
+            raise ValueError(f"Packer: {len(self.tokens)} tokens buffered, a sequence needs {n + 1}")
+        raw = {"tokens": self.tokens[: n + 1], "doc_starts": [s for s in self.doc_starts if s < n]}
+        # keep the last token: it is the next sequence's first input (and this sequence's last label)
+        self.tokens = self.tokens[n:]
+        self.doc_starts = [s - n for s in self.doc_starts if s >= n]
+        return raw
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = torch.randperm(self.train.num_sequences, generator=gen)
-            self._perm_epoch = epoch
-        return self._perm
+    def pop_sequence(self) -> dict[str, torch.Tensor]:
+        """The next sequence -> input_ids, labels, doc_ids, positions, each [S]. Needs not needs_more()."""
+        return sequence_tensors(self.pop_raw())
 
-    def train_batch(self, step: int, micro_step: int, grad_accum: int, micro_batch: int, dp_rank: int,
-                    dp_world: int) -> dict[str, torch.Tensor]:
-        """The micro-batch this data-parallel rank trains on at (step, micro_step): input_ids, labels [b, S]."""
-        per_micro = micro_batch * dp_world
-        first = ((step * grad_accum + micro_step) * per_micro) + dp_rank * micro_batch
-        rows = []
-        for sample in range(first, first + micro_batch):
-            epoch, offset = divmod(sample, self.train.num_sequences)
-            rows.append(self.train.sequence(int(self._permutation(epoch)[offset])))
-        return _to_inputs(torch.stack(rows))
-
-    def val_batches(self, num_batches: int, micro_batch: int, dp_rank: int, dp_world: int):
-        """Fixed validation micro-batches for this rank (the same every evaluation)."""
-        n = self.val.num_sequences
-        if n == 0:
-            return
-        for b in range(num_batches):
-            first = (b * dp_world + dp_rank) * micro_batch
-            if first >= n:
-                return
-            rows = [self.val.sequence(i) for i in range(first, min(first + micro_batch, n))]
-            yield _to_inputs(torch.stack(rows))
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "doc_starts": list(self.doc_starts)}
 
 
-def _to_inputs(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"input_ids": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
+def sequence_tensors(raw: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """input_ids, labels, doc_ids, positions [S] from tokens [S + 1] and the document starts."""
+    window = torch.tensor(raw["tokens"], dtype=torch.long)  # [S + 1]
+    n = len(window) - 1
+    starts = torch.zeros(n, dtype=torch.bool)  # [S] a new segment starts here
+    starts[0] = True
+    starts[torch.tensor(raw["doc_starts"], dtype=torch.long)] = True
+    doc_ids = torch.cumsum(starts.long(), 0) - 1  # [S]
+    index = torch.arange(n)
+    segment_start = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), 0).values
+    positions = index - segment_start  # [S]
+    return {"input_ids": window[:-1], "labels": window[1:], "doc_ids": doc_ids, "positions": positions}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 from dsv4.config import ConfigError
@@ -173,3 +174,13 @@ def test_torchrun_two_ranks_zero3(tmp_path):
     steps = metrics(out)
     assert len(steps) == 10 and steps[-1]["lm_loss"] < steps[0]["lm_loss"]
     assert (out / "checkpoints" / "step0000010").is_dir()
+
+
+def test_document_masking_reaches_the_model_only_when_asked():
+    from dsv4.training.trainer import doc_positions
+
+    batch = {"positions": torch.tensor([[0, 1, 0, 1, 2]])}
+    on = resolve_config(compose_config("data.cross_document_attention=false"))
+    off = resolve_config(compose_config())
+    assert torch.equal(doc_positions(batch, on, torch.device("cpu")), batch["positions"])
+    assert doc_positions(batch, off, torch.device("cpu")) is None

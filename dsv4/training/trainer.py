@@ -101,13 +101,19 @@ def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]
     return (t / dist.get_world_size()).tolist()
 
 
-def evaluate(engine, data, run: RunConfig, rank: int, world: int, device: torch.device) -> float:
+def doc_positions(batch: dict[str, torch.Tensor], run: RunConfig, device: torch.device) -> torch.Tensor | None:
+    """Per-document positions when attention must stay inside documents (data.cross_document_attention=false)."""
+    return None if run.data.cross_document_attention else batch["positions"].to(device)
+
+
+def evaluate(engine, data, run: RunConfig, device: torch.device) -> float:
     """Mean validation LM loss per token over the held-out split (every rank its share)."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for batch in data.val_batches(run.train.eval_batches, run.train.micro_batch_size, rank, world):
-            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        for batch in data.val_batches(run.train.eval_batches):
+            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                         positions=doc_positions(batch, run, device))
             totals += torch.stack((out.lm_loss_sum.double(), out.num_tokens.double()))
     engine.train()
     dist.all_reduce(totals)
@@ -117,13 +123,12 @@ def evaluate(engine, data, run: RunConfig, rank: int, world: int, device: torch.
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run training as configured; returns the summary (on every rank)."""
     run = resolve_config(cfg)  # bad values stop here, before any process group or data
-    from data_pipelines import PackedTextData
+    from data_pipelines import StreamingData, load_data_state, prepare_data, save_data_state
 
-    data = PackedTextData(run.data.path, run.data.tokenizer, run.train.seq_len, run.data.val_fraction,
-                          run.train.seed)
-    if data.vocab_size > run.model.vocab_size:
+    data_plan = prepare_data(run.data)  # missing files, unreadable shards, a bad tokenizer stop here
+    if data_plan.vocab_size > run.model.vocab_size:
         raise ConfigError(f"model.vocab_size={run.model.vocab_size}: smaller than the tokenizer's vocabulary "
-                          f"({data.vocab_size}); raise it")
+                          f"({data_plan.vocab_size}); raise it")
 
     import deepspeed
 
@@ -148,6 +153,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, use_bf16))
 
+    # Data parallelism is the only parallelism so far: the data-parallel rank is the rank. (Sequence-parallel ranks
+    # of one group will share a dp_rank and read the same samples.)
+    dp_rank, dp_world = rank, world
+    data = StreamingData(data_plan, run.train.seq_len, run.train.micro_batch_size, run.train.seed, dp_rank, dp_world)
+
+    def save(done: int) -> None:
+        tag = f"step{done:07d}"
+        save_data_state(data, ckpt_dir / tag, rank)  # every rank its own file, before `latest` moves
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": done})
+
     start_step = 0
     if run.train.resume:
         if not (ckpt_dir / "latest").is_file():
@@ -155,8 +170,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 raise ConfigError(f"train.resume={run.train.resume!r}: no checkpoint ('latest') in {ckpt_dir}")
             logger.print(f"train.resume=true: no checkpoint in {ckpt_dir}; starting from step 0")
         else:
-            load_path, client = engine.load_checkpoint(str(ckpt_dir))
+            tag = (ckpt_dir / "latest").read_text().strip()
+            load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
             start_step = int(client["step"])
+            load_data_state(data, ckpt_dir / tag, rank)  # this rank's stream position at that checkpoint
             logger.print(f"resumed from {load_path} at step {start_step}")
 
     tokens_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * world * run.train.seq_len
@@ -164,12 +181,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger.print(
         f"dsv4-train | {n_params / 1e6:.2f}M params | layers {kinds} | ranks {world} on {device.type} | "
         f"ZeRO-{run.deepspeed.zero_stage} {'bf16' if use_bf16 else 'fp32'} | {tokens_per_step} tokens/step | "
-        f"data {data.source} ({len(data.train.tokens)} train tokens) | run dir {run_dir}")
+        f"data {data_plan.describe()} | run dir {run_dir}")
 
     history: list[dict[str, float]] = []
     val_loss = float("nan")
     t_start = time.perf_counter()
     phase = None
+    batches = data.batches()
     for step in range(start_step, run.train.steps):
         new_phase = phase_for_step(run.train, step)
         if new_phase != phase:
@@ -178,11 +196,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 logger.print(f"step {step}: CSA attention phase -> {new_phase}")
             phase = new_phase
         t0 = time.perf_counter()
-        lm_sum = idx_sum = 0.0
-        for micro in range(run.train.grad_accum_steps):
-            batch = data.train_batch(step, micro, run.train.grad_accum_steps, run.train.micro_batch_size, rank,
-                                     world)
-            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        lm_sum = idx_sum = data_wait = 0.0
+        for _ in range(run.train.grad_accum_steps):
+            t_wait = time.perf_counter()
+            batch = next(batches)  # input_ids, labels, doc_ids, positions: [B, S]
+            data_wait += time.perf_counter() - t_wait
+            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                         positions=doc_positions(batch, run, device))
             loss = out.lm_loss
             if out.indexer_loss is not None:
                 loss = loss + run.train.indexer_loss_coef * out.indexer_loss
@@ -198,7 +218,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         total = lm_loss + run.train.indexer_loss_coef * idx_loss
         lr = scheduler.get_last_lr()[0] if scheduler is not None else run.train.lr
         record = {"loss": total, "lm_loss": lm_loss, "indexer_loss": idx_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time}
+                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time, "data_wait_s": data_wait}
+        if len(data_plan.sources) > 1:  # realised mixture (this rank's documents so far)
+            stats = data.stats()
+            total_docs = sum(stats["docs"].values()) or 1
+            record.update({f"mix_docs/{name}": n / total_docs for name, n in stats["docs"].items()})
         history.append(record)
         if is_main:
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -208,19 +232,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if is_main and (done % run.logging.interval == 0 or done == run.train.steps or step == start_step):
             logger.print(f"step {done:>6}/{run.train.steps} | loss {total:.4f} | lm {lm_loss:.4f} | "
                          f"idx {idx_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-                         f"tok/s {record['tokens_per_s']:,.0f} | {phase}")
+                         f"tok/s {record['tokens_per_s']:,.0f} | wait {data_wait * 1000:.0f}ms | {phase}")
         if run.train.eval_interval and done % run.train.eval_interval == 0 and done < run.train.steps:
-            val_loss = evaluate(engine, data, run, rank, world, device)
+            val_loss = evaluate(engine, data, run, device)
             logger.log(done, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
             logger.print(f"step {done:>6} | val loss {val_loss:.4f} | ppl {math.exp(min(val_loss, 50)):.1f}")
         if run.train.save_interval and done % run.train.save_interval == 0 and done < run.train.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done:07d}", client_state={"step": done})
+            save(done)
 
     wall = time.perf_counter() - t_start
+    data.close()
     if history:
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{run.train.steps:07d}",
-                               client_state={"step": run.train.steps})
-    val_loss = evaluate(engine, data, run, rank, world, device)
+        save(run.train.steps)
+    logger.print(f"data (rank {rank}): {data.describe_stats()}")
+    val_loss = evaluate(engine, data, run, device)
     summary = _summary(history, val_loss, wall, tokens_per_step, run, run_dir, start_step)
     logger.log(run.train.steps, {"val/loss": val_loss, "val/ppl": summary["val_ppl"]})
     logger.summary(summary)

@@ -1,0 +1,57 @@
+"""Tokenizers for the data stream: the bundled 4K BPE by default, a tokenizer.json file, or a Hub tokenizer name.
+
+Loaded once per process (the training process checks it before training; each DataLoader worker loads its
+own copy from the same spec)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from data_pipelines.packed import BUNDLED_TOKENIZER, DataError
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What to load: `value` is None (bundled), a file path, or a Hugging Face Hub tokenizer name."""
+    value: str | None = None
+    eos_token: str | None = None  # None: the first of EOS_CANDIDATES in the vocabulary
+
+    @property
+    def label(self) -> str:
+        return self.value or "bundled"
+
+
+def load_tokenizer(spec: TokenizerSpec) -> Any:
+    """A `tokenizers.Tokenizer`; errors name data.tokenizer and say what to do."""
+    from tokenizers import Tokenizer
+
+    value = spec.value
+    path = Path(value) if value else BUNDLED_TOKENIZER
+    if path.is_file():
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise DataError(f"data.tokenizer: cannot load tokenizer {path}: {e}") from None
+    if value is None or value.endswith(".json") or value.startswith((".", "/", "~")):
+        raise DataError(f"data.tokenizer: tokenizer file not found: {path}")
+    try:
+        return Tokenizer.from_pretrained(value)
+    except Exception as e:
+        raise DataError(f"data.tokenizer={value!r}: not a file here, and loading it from the Hugging Face Hub "
+                        f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Give a tokenizer.json path, "
+                        "or a Hub name with network access (unset HF_HUB_OFFLINE).") from None
+
+
+def eos_id_of(tokenizer: Any, spec: TokenizerSpec) -> int:
+    """The id of the end-of-document token placed after every document."""
+    candidates = (spec.eos_token,) if spec.eos_token else EOS_CANDIDATES
+    for token in candidates:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return int(token_id)
+    raise DataError(f"data.eos_token: tokenizer {spec.label} has none of {', '.join(candidates)}; "
+                    "set data.eos_token to its end-of-text token")
