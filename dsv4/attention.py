@@ -25,20 +25,26 @@ from dsv4.compressor import Compressor, Indexer
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
-from dsv4.ops.ranges import document_ranges, group_starts
+from dsv4.ops.ranges import AttentionRanges, document_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
+from dsv4.parallel.collectives import all_gather_sequence, all_reduce_sum, shift_to_next_rank
 from dsv4.rope import Rotary
 
 PHASES = ("dense", "indexer_warmup", "sparse")
 
 
 class AttentionOptions:
-    """Runtime choices that do not change parameters: backend, chunking, CSA phase."""
+    """Runtime choices that do not change parameters: backend, chunking, CSA phase, sequence parallelism."""
 
     def __init__(self, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse",
                  deterministic: bool = True) -> None:
         self.backend, self.chunk_size, self.phase = backend, chunk_size, phase
         self.deterministic = deterministic  # Triton backward: fixed-order dK=V (else fp32 atomics)
+        self.sp = None  # dsv4.parallel.SequenceParallel, injected by the trainer (None: one device)
+
+    @property
+    def sequence_parallel(self):
+        return self.sp if self.sp is not None and self.sp.world > 1 else None
 
 
 class V4Attention(nn.Module):
@@ -77,7 +83,11 @@ class V4Attention(nn.Module):
         cfg, opts = self.cfg, self.options
         batch, seq_len, _ = x.shape
         ranges, starts = None, None
+        sp = opts.sequence_parallel
         if documents:
+            if sp is not None:
+                raise NotImplementedError("document masking (data.cross_document_attention=false) is not supported "
+                                          "with parallel.sequence_parallel_size > 1 yet")
             starts = group_starts(positions, self.ratio) if self.ratio else None
             ranges = document_ranges(positions, cfg.sliding_window, self.ratio, starts)
         doc_positions = positions if documents else None
@@ -90,12 +100,21 @@ class V4Attention(nn.Module):
         compressed = None
         topk_idx = None
         index = None
+        x_prefixed = None
+        if sp is not None:  # local queries; K=V rows = [previous rank's last window-1 rows | ours]
+            kv, x_prefixed, ranges = self._sequence_parallel_inputs(x, kv, sp)
         if self.ratio:
-            compressed = self.compressor(x, self.rotary, start_pos, doc_positions, starts)  # [B, N, c]
+            if sp is not None:  # compress our own groups, then gather every rank's entries (in rank order)
+                compressed = all_gather_sequence(self._local_entries(x, x_prefixed, start_pos, sp), sp)
+            else:
+                compressed = self.compressor(x, self.rotary, start_pos, doc_positions, starts)  # [B, N, c]
             if compressed.shape[1] == 0:
                 compressed = None
         if self.kind == "csa" and compressed is not None and opts.phase in ("indexer_warmup", "sparse"):
-            index = self.indexer(x, q_latent, self.rotary, positions, start_pos, doc_positions, starts)
+            index = self.indexer(x, q_latent, self.rotary, positions, start_pos, doc_positions, starts, x_prefixed,
+                                 sp is None or sp.rank > 0)
+            if sp is not None:
+                index = (index[0], all_gather_sequence(index[1], sp), index[2])
             if opts.phase == "sparse":
                 topk_idx = indexer_topk(*index, ratio=self.ratio, topk=cfg.index_topk, backend=opts.backend,
                                         chunk_size=opts.chunk_size, ranges=ranges)
@@ -107,13 +126,48 @@ class V4Attention(nn.Module):
 
         indexer_loss = None
         if index is not None and self.training:
+            count_reduce = None
+            if sp is not None:
+                def count_reduce(n: int) -> int:
+                    return int(all_reduce_sum(torch.tensor(n, device=x.device), sp))
             indexer_loss = indexer_kl_loss(q, compressed, lse, *index, ratio=self.ratio,
                                            softmax_scale=self.softmax_scale, topk_idx=topk_idx,
-                                           backend=opts.backend, chunk_size=opts.chunk_size, ranges=ranges)
+                                           backend=opts.backend, chunk_size=opts.chunk_size, ranges=ranges,
+                                           count_reduce=count_reduce)
+            if sp is not None:  # keep the gathered keys in the graph on every rank: same backward collectives
+                indexer_loss = indexer_loss + 0.0 * index[1].sum()
 
         out = self.rotary(out, positions, inverse=True)  # de-rotate at the query position
         out = out.reshape(batch, seq_len, cfg.o_groups, -1)  # consecutive heads per group
         return self.wo_b(self.wo_a(out)), indexer_loss
+
+    def _sequence_parallel_inputs(self, x: torch.Tensor, kv: torch.Tensor, sp):
+        """Halo exchange and per-query ranges for this rank's shard (see dsv4/parallel)."""
+        batch, seq_len, _ = x.shape
+        window, halo = self.cfg.sliding_window, self.cfg.sliding_window - 1
+        if seq_len < max(halo, self.ratio):
+            raise ValueError(f"sequence parallelism: shard length {seq_len} must be >= sliding_window - 1 "
+                             f"({halo}) and >= the compression ratio ({self.ratio})")
+        if halo:
+            kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1)
+        x_prefixed = None
+        if self.ratio == CSA_RATIO:  # the first entry's lookback series comes from the previous rank's last group
+            x_prefixed = torch.cat((shift_to_next_rank(x[:, seq_len - self.ratio:], sp), x), dim=1)
+        t = torch.arange(seq_len, device=x.device)
+        row = halo + t  # our tokens' rows in the K=V rows
+        window_lo = row - window + 1
+        if sp.rank == 0:  # the first rank's halo holds the last rank's rows: never visible
+            window_lo = window_lo.clamp(min=halo)
+        cmp_hi = (sp.start + t + 1) // self.ratio if self.ratio else torch.zeros_like(t)
+        expand = lambda v: v.int()[None].expand(batch, -1)  # noqa: E731
+        ranges = AttentionRanges(expand(window_lo), expand(row), expand(torch.zeros_like(t)), expand(cmp_hi))
+        return kv, x_prefixed, ranges
+
+    def _local_entries(self, x, x_prefixed, start_pos: int, sp) -> torch.Tensor:
+        if x_prefixed is None:  # HCA: groups never straddle ranks, no lookback
+            return self.compressor(x, self.rotary, start_pos)
+        return self.compressor(x_prefixed, self.rotary, start_pos - self.ratio, prefix=True,
+                               prefix_valid=sp.rank > 0)
 
 
 class DenseAttention(nn.Module):
@@ -128,6 +182,7 @@ class DenseAttention(nn.Module):
         self.wv = Linear(cfg.hidden_size, self.n_kv * self.head_dim)
         self.wo = Linear(self.n_heads * self.head_dim, cfg.hidden_size)
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, None)
+        self.options = options
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False
                 ) -> tuple[torch.Tensor, None]:
@@ -135,6 +190,13 @@ class DenseAttention(nn.Module):
         q = self.rotary(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), positions)
         k = self.rotary(self.wk(x).view(batch, seq_len, self.n_kv, self.head_dim), positions)
         v = self.wv(x).view(batch, seq_len, self.n_kv, self.head_dim)
+        sp = self.options.sequence_parallel if self.options is not None else None
+        if sp is not None:
+            if documents:
+                raise NotImplementedError("document masking is not supported with sequence parallelism yet")
+            from dsv4.parallel.ulysses import ulysses_attention
+
+            return self.wo(ulysses_attention(q, k, v, sp).reshape(batch, seq_len, -1)), None
         mask = None
         if documents:  # causal AND same document: [B, 1, S, S]
             doc = torch.cumsum(positions == 0, dim=1)

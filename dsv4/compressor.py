@@ -32,13 +32,16 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, rotary: Rotary, start_pos: int = 0, doc_positions: torch.Tensor | None = None,
-                starts: torch.Tensor | None = None) -> torch.Tensor:
+                starts: torch.Tensor | None = None, prefix: bool = False, prefix_valid: bool = True) -> torch.Tensor:
         """x: [B, S, hidden] -> entries [B, N, dim] (x's dtype).
 
         Plain sequence: N = S // ratio, group i = tokens i*ratio .. i*ratio+ratio-1, RoPE'd at
         start_pos + i * ratio. Packed documents (doc_positions [B, S], 0 at each document start; starts from
         dsv4.ops.ranges.group_starts): groups count from each document's start, entry n starts at row
-        starts[b, n] and is RoPE'd at its document position; padding entries (start = S) are zero."""
+        starts[b, n] and is RoPE'd at its document position; padding entries (start = S) are zero.
+        prefix=True (sequence parallelism): x starts with the previous rank's last group, which only lends its
+        lookback series to the first real entry (its own entry is dropped); prefix_valid=False (the first
+        rank) means there is no previous group: the first entry gets no lookback."""
         if doc_positions is not None:
             return self._forward_documents(x, rotary, doc_positions, starts)
         batch, seq_len, _ = x.shape
@@ -49,10 +52,11 @@ class Compressor(nn.Module):
         x = x[:, : n_groups * r]
         values = self.wkv(x).view(batch, n_groups, r, -1)  # fp32 [B, G, r, width]
         logits = self.wgate(x).view(batch, n_groups, r, -1) + self.ape.float()
-        has_lookback = torch.arange(n_groups, device=x.device) > 0  # entry 0 has no previous group
+        group = torch.arange(n_groups, device=x.device)
+        has_lookback = group > (0 if (not prefix or prefix_valid) else 1)  # entry 0 has no previous group
         pooled = self._pool(values, logits, self._previous(values), self._previous(logits), has_lookback)
-        positions = start_pos + torch.arange(n_groups, device=x.device) * r
-        return rotary(self.norm(pooled), positions).to(x.dtype)
+        entries = rotary(self.norm(pooled), start_pos + group * r).to(x.dtype)
+        return entries[:, 1:] if prefix else entries
 
     @staticmethod
     def _previous(t: torch.Tensor) -> torch.Tensor:
@@ -108,13 +112,19 @@ class Indexer(nn.Module):
         self.weight_scale = (cfg.index_head_dim * cfg.index_n_heads) ** -0.5
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rotary: Rotary, positions: torch.Tensor,
-                start_pos: int, doc_positions: torch.Tensor | None = None, starts: torch.Tensor | None = None
+                start_pos: int, doc_positions: torch.Tensor | None = None, starts: torch.Tensor | None = None,
+                x_prefixed: torch.Tensor | None = None, prefix_valid: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> index_q [B, S, n_I, c_I], index_k [B, N, c_I], weights [B, S, n_I]."""
+        """-> index_q [B, S, n_I, c_I], index_k [B, N, c_I], weights [B, S, n_I]. x_prefixed / prefix_valid:
+        see Compressor.forward (sequence parallelism; index_k then holds this rank's entries only)."""
         x, q_latent = x.detach(), q_latent.detach()
         batch, seq_len, _ = x.shape
         index_q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
         index_q = rotary(index_q, positions)
-        index_k = self.compressor(x, rotary, start_pos, doc_positions, starts)
+        if x_prefixed is not None:
+            index_k = self.compressor(x_prefixed.detach(), rotary, start_pos - self.ratio, prefix=True,
+                                      prefix_valid=prefix_valid)
+        else:
+            index_k = self.compressor(x, rotary, start_pos, doc_positions, starts)
         weights = self.weights_proj(x).float() * self.weight_scale
         return index_q, index_k, weights

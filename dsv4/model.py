@@ -90,6 +90,11 @@ class DSV4Model(nn.Module):
         if deterministic is not None:
             self.options.deterministic = deterministic
 
+    def set_sequence_parallel(self, sp) -> None:
+        """Inject a dsv4.parallel.SequenceParallel (None: one device). Each rank then feeds its own shard of
+        every sequence; positions, masks and compression groups use global positions."""
+        self.options.sp = sp
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int = 0,
                 positions: torch.Tensor | None = None):
         """input_ids [B, S] -> logits [B, S, vocab]; with labels [B, S] (already shifted, -100 = ignore)
@@ -99,6 +104,12 @@ class DSV4Model(nn.Module):
         its document, 0 at every document start; attention never crosses a document boundary, compressor
         groups and RoPE restart at each document, so each document is processed as if it were alone."""
         documents = positions is not None
+        sp = self.options.sequence_parallel
+        if sp is not None:
+            if input_ids.shape[1] != sp.shard_len:
+                raise ValueError(f"sequence parallelism: rank {sp.rank} got {input_ids.shape[1]} tokens, expected "
+                                 f"its shard of {sp.shard_len}")
+            start_pos = sp.start
         if documents:
             if positions.shape != input_ids.shape:
                 raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")

@@ -41,9 +41,11 @@ def indexer_topk(index_q, index_k, weights, ratio: int, topk: int, backend: str 
 
 
 def indexer_kl_loss(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                    topk_idx=None, backend: str = "torch", chunk_size: int = 128, ranges=None):
+                    topk_idx=None, backend: str = "torch", chunk_size: int = 128, ranges=None, count_reduce=None):
+    """count_reduce(int) -> int: the number of queries with candidates over the whole sequence (sequence
+    parallelism: each rank divides its local sum by the global count)."""
     if backend == "naive":
         return indexer_kl_naive(q.detach(), compressed_kv.detach(), lse.detach(), index_q, index_k, weights,
-                                ratio, softmax_scale, topk_idx, ranges)
+                                ratio, softmax_scale, topk_idx, ranges, count_reduce)
     return indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio, softmax_scale, topk_idx,
-                              chunk_size, _use_triton(backend, q), ranges)
+                              chunk_size, _use_triton(backend, q), ranges, count_reduce)

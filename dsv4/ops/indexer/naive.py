@@ -47,7 +47,8 @@ def indexer_topk_naive(index_q, index_k, weights, ratio: int, topk: int, ranges:
 
 
 def indexer_kl_naive(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                     topk_idx: torch.Tensor | None = None, ranges: AttentionRanges | None = None) -> torch.Tensor:
+                     topk_idx: torch.Tensor | None = None, ranges: AttentionRanges | None = None,
+                     count_reduce=None) -> torch.Tensor:
     """Mean over queries with >= 1 candidate of  mass_t * KL(p_hat_t || softmax(I_t)) ; see loss docs."""
     seq_len, num_entries = q.shape[1], compressed_kv.shape[1]
     if topk_idx is None:
@@ -66,4 +67,5 @@ def indexer_kl_naive(q, compressed_kv, lse, index_q, index_k, weights, ratio: in
     log_s = torch.log_softmax(student, dim=-1).masked_fill(~candidates, 0.0)
     kl = (torch.xlogy(p_hat, p_hat) - p_hat * log_s).sum(-1)  # [B, S]
     has = candidates.any(-1)
-    return (mass * kl)[has].sum() / has.sum().clamp_min(1)
+    count = int(has.sum()) if count_reduce is None else count_reduce(int(has.sum()))
+    return (mass * kl)[has].sum() / max(count, 1)

@@ -98,7 +98,7 @@ def _kl_terms(target: torch.Tensor, student: torch.Tensor, candidates: torch.Ten
 
 def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
                        topk_idx: torch.Tensor | None = None, chunk_size: int = 128, use_triton: bool = False,
-                       ranges: AttentionRanges | None = None) -> torch.Tensor:
+                       ranges: AttentionRanges | None = None, count_reduce=None) -> torch.Tensor:
     seq_len = q.shape[1]
     ranges = _ranges(ranges, q, ratio)
     q, compressed_kv, lse = q.detach(), compressed_kv.detach(), lse.detach()  # the teacher is detached
@@ -123,4 +123,6 @@ def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: 
             part, n = _kl_chunk(*args)
         total = total + part
         count += int(n)
+    if count_reduce is not None:  # sequence parallelism: divide by the count over the whole sequence
+        count = count_reduce(count)
     return total / max(count, 1)
