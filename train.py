@@ -3,6 +3,7 @@
     python train.py                                   # one process (CPU or one GPU)
     deepspeed --num_gpus 2 train.py deepspeed=zero3   # several ranks (CPU ranks use gloo)
     torchrun --standalone --nproc_per_node 2 train.py
+    python train.py -m train.lr=1e-3,3e-3 --ranks 2    # a sweep: each job its own run (dsv4/training/sweep.py)
 """
 
 import os
@@ -12,6 +13,12 @@ from dsv4.training.distributed import strip_launcher_args
 
 # The deepspeed launcher appends --local_rank=N, which Hydra rejects: move it to LOCAL_RANK first.
 sys.argv = strip_launcher_args(sys.argv)
+
+if len(sys.argv) > 1 and sys.argv[1] in ("-m", "--multirun"):
+    # Hydra's multirun would run every job in this process; each job is a distributed run of its own instead
+    from dsv4.training.sweep import main as sweep_main
+
+    sys.exit(sweep_main(sys.argv[2:]))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

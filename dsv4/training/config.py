@@ -93,7 +93,9 @@ class TrainConfig:
     phases: PhaseConfig = field(default_factory=PhaseConfig)
     output_dir: str | None = None  # null: outputs/<timestamp>, chosen by global rank 0
     save_interval: int = 0  # 0: only at the end
-    resume: Any = False  # false | true (latest checkpoint) | a run or checkpoint directory
+    keep_checkpoints: int = 3  # keep the newest K published checkpoints (0: keep all)
+    resume: Any = False  # false | true (the tag in `latest`) | auto (newest complete checkpoint) | a directory
+    max_bad_steps: int = 5  # non-finite losses in a row (each skips its update) that stop the run with a checkpoint
     eval_interval: int = 0  # 0: only at the end
     eval_batches: int = 4
 
@@ -112,6 +114,7 @@ class WandbConfig:
 @dataclass
 class LoggingConfig:
     interval: int = 10
+    peak_tflops: Any = "auto"  # MFU's peak per rank: a number (TFLOP/s) | auto (by CUDA device name) | null (no MFU)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -212,7 +215,12 @@ def _check(run: RunConfig) -> None:
     need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0")
     need(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     need(isinstance(t.resume, (bool, str)), "train.resume", t.resume, "use false, true or a directory")
+    need(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 keeps all)")
+    need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
     need(lg.interval >= 1, "logging.interval", lg.interval, "must be >= 1")
+    need(lg.peak_tflops is None or lg.peak_tflops == "auto"
+         or (isinstance(lg.peak_tflops, (int, float)) and not isinstance(lg.peak_tflops, bool) and lg.peak_tflops > 0),
+         "logging.peak_tflops", lg.peak_tflops, "use a number of TFLOP/s per rank, auto or null")
     need(lg.wandb.mode in ("auto", "online", "offline", "disabled"), "logging.wandb.mode", lg.wandb.mode,
          "choose auto, online, offline or disabled")
 

@@ -4,6 +4,7 @@ training: if it cannot start, the run continues with console output and says so.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +67,53 @@ class MetricsLogger:
             except Exception:
                 pass
             self.run = None
+
+
+class StepTimer:
+    """Wall time per phase of a step (`with timer("forward"): ...`), summed over micro-batches. On CUDA each phase
+    ends with a synchronize, so the split is the device's time, not the launch time."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return _Phase(self, name)
+
+
+class _Phase:
+    def __init__(self, timer: StepTimer, name: str) -> None:
+        self.timer, self.name = timer, name
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        if self.timer.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.timer.device)
+        self.timer.totals[self.name] = self.timer.totals.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+def peak_memory_bytes(device) -> int:
+    """CUDA: max allocated by the caching allocator; CPU: this process's max resident set size."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def format_eta(seconds: float) -> str:
+    """`1h02m`, `3m05s`, `42s`."""
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"

@@ -15,9 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsv4.config import ConfigError
 from dsv4.model import DSV4Model
+from dsv4.training import checkpointing, flops
 from dsv4.training.config import RunConfig, phase_for_step, resolve_config, run_config_dict
 from dsv4.training.distributed import init_distributed
-from dsv4.training.metrics import MetricsLogger
+from dsv4.training.health import CHECKSUM_MOD, all_finite, batch_checksum, gather_digests
+from dsv4.training.metrics import MetricsLogger, StepTimer, format_eta, peak_memory_bytes
+from dsv4.training.signals import StopRequest, write_pid_file
 
 
 def lr_lambda(train, step: int) -> float:
@@ -73,9 +76,9 @@ def _choose_run_dir(run: RunConfig, rank: int) -> Path:
     if rank == 0:
         if run.train.output_dir:
             path = Path(run.train.output_dir)
-        elif isinstance(run.train.resume, str):
+        elif isinstance(run.train.resume, str) and run.train.resume != "auto":
             path = _run_dir_of(Path(run.train.resume))
-        elif run.train.resume is True:
+        elif run.train.resume is True or run.train.resume == "auto":
             path = _latest_run_dir() or Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
         else:
             path = Path("outputs") / time.strftime("%Y%m%d-%H%M%S")
@@ -93,6 +96,57 @@ def _run_dir_of(path: Path) -> Path:
 def _latest_run_dir() -> Path | None:
     runs = sorted(Path("outputs").glob("*/checkpoints/latest"), key=lambda p: p.stat().st_mtime)
     return runs[-1].parent.parent if runs else None
+
+
+def _resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: MetricsLogger) -> str | None:
+    """The checkpoint tag to resume from (global rank 0 decides, every rank gets it), or None to start at step 0.
+
+    `true` (or a directory): the tag named in `latest`, refused if its manifest says it is incomplete.
+    `auto`: the newest checkpoint whose manifest verifies, skipping (with a warning) any that does not."""
+    choice: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            choice[0] = _pick_resume_tag(run, ckpt_dir, world, logger)
+        except ConfigError as e:
+            choice[1] = str(e)
+    dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise ConfigError(choice[1])
+    return choice[0]
+
+
+def _pick_resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: MetricsLogger) -> str | None:
+    resume = run.train.resume
+    if resume == "auto":
+        found = checkpointing.newest_complete(ckpt_dir, logger.print)
+        if found is None:
+            logger.print(f"train.resume=auto: no complete checkpoint in {ckpt_dir}; starting from step 0")
+            return None
+        logger.print(f"train.resume=auto: newest complete checkpoint is {found.path} (step {found.step})")
+        tag = found.tag
+    else:
+        latest = ckpt_dir / checkpointing.LATEST
+        if not latest.is_file():
+            if isinstance(resume, str):
+                raise ConfigError(f"train.resume={resume!r}: no checkpoint ('latest') in {ckpt_dir}")
+            logger.print(f"train.resume=true: no checkpoint in {ckpt_dir}; starting from step 0")
+            return None
+        tag = latest.read_text().strip()
+        problem = checkpointing.verify_checkpoint(ckpt_dir / tag)
+        if problem is not None and (ckpt_dir / tag / checkpointing.MANIFEST).is_file():
+            raise ConfigError(f"train.resume={resume!r}: {ckpt_dir / tag} (named in {latest}) is incomplete: "
+                              f"{problem}. Use train.resume=auto to take the newest complete checkpoint")
+        if problem is not None:
+            logger.print(f"warning: {ckpt_dir / tag} has no {checkpointing.MANIFEST}; loading it unverified")
+    manifest_file = ckpt_dir / tag / checkpointing.MANIFEST
+    if manifest_file.is_file():
+        written_by = checkpointing.read_manifest(ckpt_dir / tag).get("world_size")
+        if written_by is not None and written_by != world:
+            raise ConfigError(
+                f"train.resume={resume!r}: {ckpt_dir / tag} was written by {written_by} ranks, this run has {world}. "
+                "DeepSpeed checkpoints are tied to the rank count: convert it to a universal checkpoint (README, "
+                "'Resume on a different number of ranks') or resume with the same number of ranks")
+    return tag
 
 
 def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -158,23 +212,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dp_rank, dp_world = rank, world
     data = StreamingData(data_plan, run.train.seq_len, run.train.micro_batch_size, run.train.seed, dp_rank, dp_world)
 
+    last_saved = -1
+
     def save(done: int) -> None:
-        tag = f"step{done:07d}"
-        save_data_state(data, ckpt_dir / tag, rank)  # every rank its own file, before `latest` moves
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": done})
+        """Write, then publish (dsv4/training/checkpointing.py); every rank writes its own data state file."""
+        nonlocal last_saved
+        checkpointing.save_checkpoint(
+            engine, ckpt_dir, done, rank, world, run.train.keep_checkpoints,
+            save_rank_state=lambda staging: save_data_state(data, staging, rank),
+            client_state={"step": done}, model_config=run.model.to_dict())
+        last_saved = done
 
     start_step = 0
     if run.train.resume:
-        if not (ckpt_dir / "latest").is_file():
-            if isinstance(run.train.resume, str):
-                raise ConfigError(f"train.resume={run.train.resume!r}: no checkpoint ('latest') in {ckpt_dir}")
-            logger.print(f"train.resume=true: no checkpoint in {ckpt_dir}; starting from step 0")
-        else:
-            tag = (ckpt_dir / "latest").read_text().strip()
+        tag = _resume_tag(run, ckpt_dir, world, logger)
+        if tag is not None:
             load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if load_path is None:
+                raise ConfigError(f"train.resume={run.train.resume!r}: DeepSpeed could not load {ckpt_dir / tag}")
             start_step = int(client["step"])
             load_data_state(data, ckpt_dir / tag, rank)  # this rank's stream position at that checkpoint
             logger.print(f"resumed from {load_path} at step {start_step}")
+            last_saved = start_step
 
     tokens_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * world * run.train.seq_len
     kinds = [run.model.layer_kind(i) for i in range(run.model.num_hidden_layers)]
@@ -182,6 +241,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         f"dsv4-train | {n_params / 1e6:.2f}M params | layers {kinds} | ranks {world} on {device.type} | "
         f"ZeRO-{run.deepspeed.zero_stage} {'bf16' if use_bf16 else 'fp32'} | {tokens_per_step} tokens/step | "
         f"data {data_plan.describe()} | run dir {run_dir}")
+
+    stop = StopRequest()
+    stop.install()
+    write_pid_file(run_dir, rank)
+    n_matmul = flops.matmul_params(engine.module)
+    peak, peak_source = flops.peak_flops_per_rank(run.logging.peak_tflops, device)
+    logger.print(f"MFU: {peak_source}")
+    sequences_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * world
+    flops_per_step = {p: sequences_per_step * flops.training_flops_per_sequence(run.model, run.train.seq_len, p,
+                                                                                 n_matmul)
+                      for p in ("dense", "indexer_warmup", "sparse")}
+    bad_in_a_row = bad_total = 0
+    stopped_by: str | None = None
 
     history: list[dict[str, float]] = []
     val_loss = float("nan")
@@ -197,42 +269,100 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             phase = new_phase
         t0 = time.perf_counter()
         lm_sum = idx_sum = data_wait = 0.0
+        timer = StepTimer(device)
+        bad_step = False  # a non-finite loss on any rank: this step's update is skipped (train.max_bad_steps)
+        checksum = 0
         for _ in range(run.train.grad_accum_steps):
             t_wait = time.perf_counter()
             batch = next(batches)  # input_ids, labels, doc_ids, positions: [B, S]
             data_wait += time.perf_counter() - t_wait
-            out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
-                         positions=doc_positions(batch, run, device))
-            loss = out.lm_loss
+            checksum = (checksum + batch_checksum(batch["input_ids"])) % CHECKSUM_MOD
+            if bad_step:  # the rest of a skipped step: its data is consumed (the order stays), nothing computed
+                continue
+            with timer("forward"):
+                out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
+                             positions=doc_positions(batch, run, device))
+                loss = out.lm_loss
+                if out.indexer_loss is not None:
+                    loss = loss + run.train.indexer_loss_coef * out.indexer_loss
+            if not all_finite(loss, device):  # every rank agrees, so every rank skips the same update
+                bad_step = True
+                continue
             if out.indexer_loss is not None:
-                loss = loss + run.train.indexer_loss_coef * out.indexer_loss
                 idx_sum += out.indexer_loss.item()
-            engine.backward(loss)
-            engine.step()
+            with timer("backward"):
+                engine.backward(loss)
+            with timer("optimizer"):
+                engine.step()
             lm_sum += out.lm_loss.item()
         step_time = time.perf_counter() - t0
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        grad_norm = engine.get_global_grad_norm()  # DeepSpeed's global norm, taken before clipping
+        grad_norm = float(grad_norm) if grad_norm is not None and not bad_step else float("nan")
         lm_loss, idx_loss = _mean_across_ranks([lm_sum / run.train.grad_accum_steps,
                                                 idx_sum / run.train.grad_accum_steps], device)
+        if bad_step:
+            lm_loss = idx_loss = float("nan")
         total = lm_loss + run.train.indexer_loss_coef * idx_loss
         lr = scheduler.get_last_lr()[0] if scheduler is not None else run.train.lr
+        # one collective per step: each rank's data checksum (its slot) and the stop flag (last slot)
+        flags = torch.zeros(world + 1, dtype=torch.float64, device=device)
+        flags[rank] = checksum
+        flags[world] = 1.0 if stop.requested else 0.0
+        dist.all_reduce(flags)
+        step_flops = flops_per_step[phase]
         record = {"loss": total, "lm_loss": lm_loss, "indexer_loss": idx_loss, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time, "data_wait_s": data_wait}
+                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time, "data_wait_s": data_wait,
+                  "forward_s": timer.totals.get("forward", 0.0), "backward_s": timer.totals.get("backward", 0.0),
+                  "optimizer_s": timer.totals.get("optimizer", 0.0),
+                  "tflops_per_rank": step_flops / step_time / world / 1e12,
+                  "peak_mem_gb": peak_memory_bytes(device) / 2**30, "bad_steps": float(bad_total + bad_step)}
+        if peak is not None:
+            record["mfu"] = step_flops / step_time / (peak * world)
         if len(data_plan.sources) > 1:  # realised mixture (this rank's documents so far)
             stats = data.stats()
             total_docs = sum(stats["docs"].values()) or 1
             record.update({f"mix_docs/{name}": n / total_docs for name, n in stats["docs"].items()})
         history.append(record)
         if is_main:
+            checksums = [int(c) for c in flags[:world].tolist()]
             with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step + 1, "phase": phase, **record}) + "\n")
+                f.write(json.dumps({"step": step + 1, "phase": phase, **record, "data_checksum": checksums}) + "\n")
         logger.log(step + 1, {f"train/{k}": v for k, v in record.items()})
         done = step + 1
         if is_main and (done % run.logging.interval == 0 or done == run.train.steps or step == start_step):
+            recent = [h["step_time_s"] for h in history[-20:]]
+            eta = format_eta(sum(recent) / len(recent) * (run.train.steps - done))
+            mfu = f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""
             logger.print(f"step {done:>6}/{run.train.steps} | loss {total:.4f} | lm {lm_loss:.4f} | "
                          f"idx {idx_loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.3f} | "
-                         f"tok/s {record['tokens_per_s']:,.0f} | wait {data_wait * 1000:.0f}ms | {phase}")
+                         f"tok/s {record['tokens_per_s']:,.0f} | wait {data_wait * 1000:.0f}ms{mfu} | {phase} | "
+                         f"eta {eta}")
+        if bad_step:
+            bad_total += 1
+            bad_in_a_row += 1
+            logger.print(f"step {done}: non-finite loss on at least one rank; update skipped "
+                         f"({bad_in_a_row} in a row, {bad_total} in this run; train.max_bad_steps="
+                         f"{run.train.max_bad_steps})")
+            if run.train.grad_accum_steps > 1:
+                # earlier micro-batches of this step already accumulated gradients inside DeepSpeed: stop with a
+                # checkpoint of the last applied update (gradients are not saved), so a resume skips this step
+                stopped_by = "bad_step"
+                logger.print(f"stopping: with train.grad_accum_steps={run.train.grad_accum_steps} a skipped update "
+                             f"needs a restart; checkpoint at step {done}; resume with train.resume=auto")
+            elif bad_in_a_row >= run.train.max_bad_steps:
+                stopped_by = "bad_steps"
+                logger.print(f"stopping: {bad_in_a_row} non-finite losses in a row (train.max_bad_steps="
+                             f"{run.train.max_bad_steps}); checkpoint at step {done} holds the last finite update. "
+                             "Lower train.lr or check the data around this step before resuming")
+        else:
+            bad_in_a_row = 0
+        if flags[world].item() > 0 and stopped_by is None:
+            stopped_by = "signal"
+            logger.print(f"step {done}: stop signal received ({stop.signal_name or 'on another rank'}); "
+                         f"checkpointing and exiting")
+        if stopped_by is not None:
+            save(done)
+            break
         if run.train.eval_interval and done % run.train.eval_interval == 0 and done < run.train.steps:
             val_loss = evaluate(engine, data, run, device)
             logger.log(done, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
@@ -242,12 +372,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     wall = time.perf_counter() - t_start
     data.close()
-    if history:
+    if history and stopped_by is None and last_saved != run.train.steps:
         save(run.train.steps)
+    stop.uninstall()
     logger.print(f"data (rank {rank}): {data.describe_stats()}")
-    val_loss = evaluate(engine, data, run, device)
+    if stopped_by is None:
+        val_loss = evaluate(engine, data, run, device)
+    digests = gather_digests(engine.module)  # every rank's parameters: equal when the ranks stayed in sync
+    if digests[0] is not None and len(set(digests)) > 1:
+        logger.print(f"warning: parameters differ across ranks at the end: {digests}")
     summary = _summary(history, val_loss, wall, tokens_per_step, run, run_dir, start_step)
-    logger.log(run.train.steps, {"val/loss": val_loss, "val/ppl": summary["val_ppl"]})
+    summary.update(stopped_by=stopped_by, bad_steps=bad_total, param_digests=digests,
+                   steps=start_step + len(history))
+    if stopped_by is None:
+        logger.log(run.train.steps, {"val/loss": val_loss, "val/ppl": summary["val_ppl"]})
     logger.summary(summary)
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,114 @@
+"""Export a training checkpoint as consolidated fp32 weights (safetensors) plus the model config (json).
+
+    python -m dsv4.export outputs/exp1/checkpoints                 # the tag in `latest`
+    python -m dsv4.export outputs/exp1/checkpoints/step0000300 -o exported/exp1
+
+writes `<out>/model.safetensors` (every parameter, fp32, full size; ZeRO 1-3 shards merged with DeepSpeed's
+zero_to_fp32) and `<out>/config.json` (the ModelConfig, DeepSeek V4 config.json names). Load it with
+
+    from dsv4.export import load_exported
+    model = load_exported("exported/exp1")          # dsv4.build_model(config) + the weights, in eval mode
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dsv4.config import ConfigError, ModelConfig
+from dsv4.model import DSV4Model, build_model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def _resolve(path: Path) -> tuple[Path, str]:
+    """(checkpoints dir, tag) for a checkpoints dir (its `latest`), a tag dir, or a run dir."""
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if (path / "latest").is_file():
+        return path, (path / "latest").read_text().strip()
+    if path.is_dir() and any(path.glob("*model_states.pt")):
+        return path.parent, path.name
+    raise ConfigError(f"{path}: not a checkpoint directory (no 'latest' and no *model_states.pt)")
+
+
+def _model_config(ckpt_dir: Path, tag: str) -> ModelConfig:
+    from dsv4.training.checkpointing import MODEL_CONFIG
+
+    stored = ckpt_dir / tag / MODEL_CONFIG
+    if stored.is_file():
+        return ModelConfig.from_dict(json.loads(stored.read_text()))
+    run_config = ckpt_dir.parent / "config.yaml"  # older checkpoints: the run's Hydra config
+    if run_config.is_file():
+        from omegaconf import OmegaConf
+
+        from dsv4.training.config import resolve_config
+
+        return resolve_config(OmegaConf.load(run_config)).model
+    raise ConfigError(f"{ckpt_dir / tag}: no {MODEL_CONFIG} and no {run_config}; cannot tell the model's config")
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of a DeepSpeed checkpoint (ZeRO 0-3)."""
+    tag_dir = ckpt_dir / tag
+    if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    else:  # ZeRO-0: the module's full state is in the model states file
+        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise ConfigError(f"{tag_dir}: no mp_rank_*_model_states.pt")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {name: t.detach().to(torch.float32).contiguous() for name, t in state.items()}
+
+
+def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write model.safetensors + config.json for `checkpoint`; returns the output directory."""
+    from safetensors.torch import save_file
+
+    ckpt_dir, tag = _resolve(Path(checkpoint))
+    cfg = _model_config(ckpt_dir, tag)
+    state = consolidated_state_dict(ckpt_dir, tag)
+    expected = {name for name, _ in DSV4Model(cfg).named_parameters()}
+    missing = sorted(expected - set(state))
+    if missing:
+        raise ConfigError(f"{ckpt_dir / tag}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
+    out = Path(out_dir) if out_dir else ckpt_dir.parent / "export" / tag
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(ckpt_dir / tag)})
+    (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
+    return out
+
+
+def load_exported(path: str | Path, backend: str = "auto", phase: str = "sparse") -> DSV4Model:
+    """The model of an exported directory: dsv4.build_model(config.json) with model.safetensors loaded (strict)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    model = build_model(json.loads((path / CONFIG).read_text()), backend=backend, phase=phase)
+    model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsv4.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="a run dir, its checkpoints/ dir (uses `latest`) or one checkpoint tag dir")
+    parser.add_argument("-o", "--out", default=None, help="output dir (default: <run>/export/<tag>)")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {out / WEIGHTS} and {out / CONFIG}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
