@@ -119,6 +119,11 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    sequence_parallel_size: int = 1  # ranks that split each sequence (world = data parallel x this)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig
     attention: AttentionConfig
@@ -126,6 +131,7 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     logging: LoggingConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def _typed(schema: type, node: Any, prefix: str):
@@ -167,7 +173,7 @@ def resolve_config(cfg: DictConfig) -> RunConfig:
     for group in ("model", "attention", "deepspeed", "data", "train", "logging"):
         if group not in cfg:
             raise ConfigError(f"{group}: missing config group (check conf/config.yaml's defaults)")
-    extra = sorted(set(cfg.keys()) - {"model", "attention", "deepspeed", "data", "train", "logging"})
+    extra = sorted(set(cfg.keys()) - {"model", "attention", "deepspeed", "data", "train", "logging", "parallel"})
     if extra:
         raise ConfigError(f"{extra[0]}: unknown top-level key")
     attention = _typed(AttentionConfig, cfg.attention, "attention")
@@ -181,6 +187,7 @@ def resolve_config(cfg: DictConfig) -> RunConfig:
         data=_typed(DataConfig, cfg.data, "data"),
         train=_typed(TrainConfig, cfg.train, "train"),
         logging=_typed(LoggingConfig, cfg.logging, "logging"),
+        parallel=_typed(ParallelConfig, cfg.get("parallel"), "parallel"),
     )
     _check(run)
     return run
@@ -192,6 +199,8 @@ def _check(run: RunConfig) -> None:
             raise ConfigError(f"{key}={value!r}: {msg}")
 
     a, d, t, lg = run.attention, run.deepspeed, run.train, run.logging
+    need(run.parallel.sequence_parallel_size >= 1, "parallel.sequence_parallel_size",
+         run.parallel.sequence_parallel_size, "must be >= 1")
     need(a.backend in ("auto", "triton", "torch", "naive"), "attention.backend", a.backend,
          "choose auto, triton, torch or naive")
     need(a.query_chunk_size >= 1, "attention.query_chunk_size", a.query_chunk_size, "must be >= 1")

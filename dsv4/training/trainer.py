@@ -20,6 +20,12 @@ from dsv4.training.config import RunConfig, phase_for_step, resolve_config, run_
 from dsv4.training.distributed import init_distributed
 from dsv4.training.health import CHECKSUM_MOD, all_finite, batch_checksum, gather_digests
 from dsv4.training.metrics import MetricsLogger, StepTimer, format_eta, peak_memory_bytes
+from dsv4.training.sequence_parallel import (
+    check_sequence_parallel,
+    lm_loss_for_backward,
+    setup_sequence_parallel,
+    shard_batch,
+)
 from dsv4.training.signals import StopRequest, write_pid_file
 
 
@@ -48,6 +54,8 @@ def deepspeed_config(run: RunConfig, use_bf16: bool) -> dict[str, Any]:
                             "overlap_comm": ds.overlap_comm}
     if ds.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if run.parallel.sequence_parallel_size > 1:  # its reduce-scatter averages over SP ranks (cpu-stack §3.3)
+            zero["reduce_scatter"] = False
     config = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.grad_accum_steps,
@@ -160,12 +168,13 @@ def doc_positions(batch: dict[str, torch.Tensor], run: RunConfig, device: torch.
     return None if run.data.cross_document_attention else batch["positions"].to(device)
 
 
-def evaluate(engine, data, run: RunConfig, device: torch.device) -> float:
+def evaluate(engine, data, run: RunConfig, device: torch.device, sp=None) -> float:
     """Mean validation LM loss per token over the held-out split (every rank its share)."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in data.val_batches(run.train.eval_batches):
+            batch = shard_batch(batch, sp)
             out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
                          positions=doc_positions(batch, run, device))
             totals += torch.stack((out.lm_loss_sum.double(), out.num_tokens.double()))
@@ -197,19 +206,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     logger = MetricsLogger(run.logging.wandb, run_dir, is_main, resolved)
 
+    # sequence parallelism: SP groups of consecutive ranks share a data-parallel rank and split each sequence
+    check_sequence_parallel(run.parallel.sequence_parallel_size, world, run.train.seq_len, run.model)
+    layout = setup_sequence_parallel(run.parallel.sequence_parallel_size, rank, world, run.train.seq_len)
+    sp_size = layout.sp_size
+
     torch.manual_seed(run.train.seed)
     model = DSV4Model(run.model, backend=run.attention.backend, chunk_size=run.attention.query_chunk_size,
                       phase=phase_for_step(run.train, 0), deterministic=run.attention.deterministic)
+    model.set_sequence_parallel(layout.sp)
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(model, run.train.weight_decay), lr=run.train.lr,
                                   betas=tuple(run.train.betas), eps=run.train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(run.train, s))
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, use_bf16))
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, use_bf16),
+        **({"mpu": layout.mpu} if layout.mpu is not None else {}))
 
-    # Data parallelism is the only parallelism so far: the data-parallel rank is the rank. (Sequence-parallel ranks
-    # of one group will share a dp_rank and read the same samples.)
-    dp_rank, dp_world = rank, world
+    dp_rank, dp_world = layout.dp_rank, layout.dp_world  # the ranks of one SP group read the same samples
     data = StreamingData(data_plan, run.train.seq_len, run.train.micro_batch_size, run.train.seed, dp_rank, dp_world)
 
     last_saved = -1
@@ -235,10 +249,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             logger.print(f"resumed from {load_path} at step {start_step}")
             last_saved = start_step
 
-    tokens_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * world * run.train.seq_len
+    tokens_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * dp_world * run.train.seq_len
     kinds = [run.model.layer_kind(i) for i in range(run.model.num_hidden_layers)]
     logger.print(
-        f"dsv4-train | {n_params / 1e6:.2f}M params | layers {kinds} | ranks {world} on {device.type} | "
+        f"dsv4-train | {n_params / 1e6:.2f}M params | layers {kinds} | ranks {world} on {device.type} "
+        f"(data parallel {dp_world} x sequence parallel {sp_size}) | "
         f"ZeRO-{run.deepspeed.zero_stage} {'bf16' if use_bf16 else 'fp32'} | {tokens_per_step} tokens/step | "
         f"data {data_plan.describe()} | run dir {run_dir}")
 
@@ -248,7 +263,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     n_matmul = flops.matmul_params(engine.module)
     peak, peak_source = flops.peak_flops_per_rank(run.logging.peak_tflops, device)
     logger.print(f"MFU: {peak_source}")
-    sequences_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * world
+    sequences_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * dp_world
     flops_per_step = {p: sequences_per_step * flops.training_flops_per_sequence(run.model, run.train.seq_len, p,
                                                                                  n_matmul)
                       for p in ("dense", "indexer_warmup", "sparse")}
@@ -279,22 +294,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             checksum = (checksum + batch_checksum(batch["input_ids"])) % CHECKSUM_MOD
             if bad_step:  # the rest of a skipped step: its data is consumed (the order stays), nothing computed
                 continue
+            batch = shard_batch(batch, layout.sp)  # this rank's part of each sequence (all of it without SP)
             with timer("forward"):
                 out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
                              positions=doc_positions(batch, run, device))
-                loss = out.lm_loss
+                lm_loss = lm_loss_for_backward(out, layout.sp)  # local sum / the sequence's token count under SP
+                loss = lm_loss
                 if out.indexer_loss is not None:
                     loss = loss + run.train.indexer_loss_coef * out.indexer_loss
             if not all_finite(loss, device):  # every rank agrees, so every rank skips the same update
                 bad_step = True
                 continue
             if out.indexer_loss is not None:
-                idx_sum += out.indexer_loss.item()
+                idx_sum += out.indexer_loss.item() * sp_size  # SP ranks hold parts of one loss: x sp, then
             with timer("backward"):
                 engine.backward(loss)
             with timer("optimizer"):
                 engine.step()
-            lm_sum += out.lm_loss.item()
+            lm_sum += lm_loss.item() * sp_size  # the mean over all ranks below sums the SP parts
         step_time = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()  # DeepSpeed's global norm, taken before clipping
         grad_norm = float(grad_norm) if grad_norm is not None and not bad_step else float("nan")
@@ -364,7 +381,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             save(done)
             break
         if run.train.eval_interval and done % run.train.eval_interval == 0 and done < run.train.steps:
-            val_loss = evaluate(engine, data, run, device)
+            val_loss = evaluate(engine, data, run, device, layout.sp)
             logger.log(done, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
             logger.print(f"step {done:>6} | val loss {val_loss:.4f} | ppl {math.exp(min(val_loss, 50)):.1f}")
         if run.train.save_interval and done % run.train.save_interval == 0 and done < run.train.steps:
@@ -377,7 +394,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop.uninstall()
     logger.print(f"data (rank {rank}): {data.describe_stats()}")
     if stopped_by is None:
-        val_loss = evaluate(engine, data, run, device)
+        val_loss = evaluate(engine, data, run, device, layout.sp)
     digests = gather_digests(engine.module)  # every rank's parameters: equal when the ranks stayed in sync
     if digests[0] is not None and len(set(digests)) > 1:
         logger.print(f"warning: parameters differ across ranks at the end: {digests}")
