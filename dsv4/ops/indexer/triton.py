@@ -135,7 +135,7 @@ def _teacher_dense_kernel(
 
 def _cfg(x: torch.Tensor, width: int) -> dict:
     return dict(BLOCK_T=16, BLOCK_N=32, UPCAST=INTERPRET or x.dtype == torch.float32,
-                BLOCK_C=triton.next_power_of_2(width), C=width)
+                BLOCK_C=max(16, triton.next_power_of_2(width)), C=width)  # tl.dot: dims >= 16 on GPUs
 
 
 def _scores_launch(index_q, index_k, weights, cmp_lo, cmp_hi, entry0: int) -> torch.Tensor:
@@ -216,7 +216,7 @@ def teacher_dense_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, cmp_
     n_entries = ckv.shape[1]
     out = _new((batch, n_q, n_entries), q, torch.float32)
     cfg = dict(BLOCK_T=16, BLOCK_N=16 if dim >= 256 else 32, UPCAST=INTERPRET or q.dtype == torch.float32,
-               BLOCK_D=triton.next_power_of_2(dim), D=dim)
+               BLOCK_D=max(16, triton.next_power_of_2(dim)), D=dim)
     grid = (triton.cdiv(n_entries, cfg["BLOCK_N"]), triton.cdiv(n_q, cfg["BLOCK_T"]), batch)
     _teacher_dense_kernel[grid](
         q, ckv, lse, out, cmp_lo, cmp_hi, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),

@@ -275,7 +275,7 @@ def _attn_bwd_dckv_sparse_kernel(
 
 def _config(q: torch.Tensor, dim: int) -> dict:
     """Pinned launch configuration (identical on every rank: no autotuning)."""
-    block_d = triton.next_power_of_2(dim)
+    block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16 on GPUs
     return dict(D=dim, BLOCK_D=block_d, BLOCK_H=16, BLOCK_N=16 if block_d >= 256 else 32,
                 UPCAST=INTERPRET or q.dtype == torch.float32)
 
