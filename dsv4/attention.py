@@ -25,6 +25,7 @@ from dsv4.compressor import Compressor, Indexer
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
+from dsv4.ops.indexer.recall import indexer_recall
 from dsv4.ops.ranges import AttentionRanges, document_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
 from dsv4.parallel.collectives import all_gather_sequence, all_reduce_sum, shift_to_next_rank
@@ -41,6 +42,7 @@ class AttentionOptions:
         self.backend, self.chunk_size, self.phase = backend, chunk_size, phase
         self.deterministic = deterministic  # Triton backward: fixed-order dK=V (else fp32 atomics)
         self.sp = None  # dsv4.parallel.SequenceParallel, injected by the trainer (None: one device)
+        self.collect_stats = False  # record sink mass / indexer recall on the next forward (logging steps)
 
     @property
     def sequence_parallel(self):
@@ -137,9 +139,21 @@ class V4Attention(nn.Module):
             if sp is not None:  # keep the gathered keys in the graph on every rank: same backward collectives
                 indexer_loss = indexer_loss + 0.0 * index[1].sum()
 
+        if opts.collect_stats:
+            self._record_stats(q, compressed, lse, topk_idx, ranges)
+
         out = self.rotary(out, positions, inverse=True)  # de-rotate at the query position
         out = out.reshape(batch, seq_len, cfg.o_groups, -1)  # consecutive heads per group
         return self.wo_b(self.wo_a(out)), indexer_loss
+
+    @torch.no_grad()
+    def _record_stats(self, q, compressed, lse, topk_idx, ranges) -> None:
+        """sink mass: the mean share of attention the sink takes, exp(sink_h - lse); indexer recall (CSA, sparse
+        phase): see dsv4/ops/indexer/recall.py. Stored in self.stats for the trainer's logging step."""
+        self.stats = {"sink_mass": torch.exp(self.attn_sink.float()[None, None, :] - lse).mean()}
+        if topk_idx is not None and compressed is not None:
+            self.stats["indexer_recall"] = indexer_recall(q, compressed, lse, topk_idx, self.ratio,
+                                                          self.softmax_scale, ranges, self.options.chunk_size)
 
     def _sequence_parallel_inputs(self, x: torch.Tensor, kv: torch.Tensor, sp):
         """Halo exchange and per-query ranges for this rank's shard (see dsv4/parallel)."""

@@ -90,6 +90,16 @@ class DSV4Model(nn.Module):
         if deterministic is not None:
             self.options.deterministic = deterministic
 
+    def attention_stats(self) -> dict[str, float]:
+        """After a forward with options.collect_stats: sink mass (mean over V4 layers) and indexer recall (mean
+        over CSA layers in the sparse phase). Clears what it read."""
+        values: dict[str, list[float]] = {}
+        for layer in self.layers:
+            for key, value in getattr(layer.attn, "stats", {}).items():
+                values.setdefault(key, []).append(float(value))
+            layer.attn.stats = {}
+        return {key: sum(v) / len(v) for key, v in values.items()}
+
     def set_sequence_parallel(self, sp) -> None:
         """Inject a dsv4.parallel.SequenceParallel (None: one device). Each rank then feeds its own shard of
         every sequence; positions, masks and compression groups use global positions."""

@@ -136,6 +136,8 @@ def test_single_process_trains_and_resumes_exactly(tmp_path):
     assert [m["step"] for m in full] == list(range(1, 11))
     assert [m["phase"] for m in full[:9]] == ["dense"] * 4 + ["indexer_warmup"] * 4 + ["sparse"]
     assert all(m["indexer_loss"] > 0 for m in full[4:])
+    assert all(0 < m["sink_mass"] < 1 for m in full)  # logged every step here (logging.interval=1)
+    assert all(0 <= m["indexer_recall"] <= 1 for m in full[8:]) and "indexer_recall" not in full[0]
     assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step0000005", "step0000010"]
     assert list((out / "wandb").glob("offline-run-*")), "an offline W&B run is written"
 

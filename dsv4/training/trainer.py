@@ -287,6 +287,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         timer = StepTimer(device)
         bad_step = False  # a non-finite loss on any rank: this step's update is skipped (train.max_bad_steps)
         checksum = 0
+        # rank 0 records sink mass and indexer recall on logging steps (first micro-batch; no collectives involved)
+        engine.module.options.collect_stats = is_main and (step + 1) % run.logging.interval == 0
         for _ in range(run.train.grad_accum_steps):
             t_wait = time.perf_counter()
             batch = next(batches)  # input_ids, labels, doc_ids, positions: [B, S]
@@ -298,6 +300,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with timer("forward"):
                 out = engine(batch["input_ids"].to(device), labels=batch["labels"].to(device),
                              positions=doc_positions(batch, run, device))
+                engine.module.options.collect_stats = False
                 lm_loss = lm_loss_for_backward(out, layout.sp)  # local sum / the sequence's token count under SP
                 loss = lm_loss
                 if out.indexer_loss is not None:
@@ -335,6 +338,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                   "peak_mem_gb": peak_memory_bytes(device) / 2**30, "bad_steps": float(bad_total + bad_step)}
         if peak is not None:
             record["mfu"] = step_flops / step_time / (peak * world)
+        record.update(engine.module.attention_stats())  # sink_mass, indexer_recall (logging steps, rank 0)
         if len(data_plan.sources) > 1:  # realised mixture (this rank's documents so far)
             stats = data.stats()
             total_docs = sum(stats["docs"].values()) or 1
