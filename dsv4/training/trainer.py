@@ -106,30 +106,53 @@ def _latest_run_dir() -> Path | None:
     return runs[-1].parent.parent if runs else None
 
 
-def _resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: MetricsLogger) -> str | None:
-    """The checkpoint tag to resume from (global rank 0 decides, every rank gets it), or None to start at step 0.
+def _resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: MetricsLogger) -> tuple[str | None, bool]:
+    """The checkpoint tag to resume from (global rank 0 decides, every rank gets it), or None to start at step 0,
+    and whether it was written by another number of ranks (then it is resumed through a universal checkpoint).
 
     `true` (or a directory): the tag named in `latest`, refused if its manifest says it is incomplete.
     `auto`: the newest checkpoint whose manifest verifies, skipping (with a warning) any that does not."""
-    choice: list[Any] = [None, None]
+    choice: list[Any] = [None, None, False]
     if dist.get_rank() == 0:
         try:
-            choice[0] = _pick_resume_tag(run, ckpt_dir, world, logger)
+            choice[0], choice[2] = _pick_resume_tag(run, ckpt_dir, world, logger)
+            if choice[2]:
+                _convert_to_universal(ckpt_dir, choice[0], logger)
         except ConfigError as e:
             choice[1] = str(e)
     dist.broadcast_object_list(choice, src=0)
     if choice[1] is not None:
         raise ConfigError(choice[1])
-    return choice[0]
+    return choice[0], choice[2]
 
 
-def _pick_resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: MetricsLogger) -> str | None:
+UNIVERSAL_SUFFIX = "_universal"
+
+
+def _convert_to_universal(ckpt_dir: Path, tag: str, logger: MetricsLogger) -> None:
+    """DeepSpeed's universal format (layout-free: loads on any number of ranks), written once next to the tag."""
+    import subprocess
+    import sys
+
+    target = ckpt_dir / (tag + UNIVERSAL_SUFFIX)
+    if (target / "zero").is_dir():
+        return
+    logger.print(f"converting {ckpt_dir / tag} to a universal checkpoint in {target}")
+    res = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                          str(ckpt_dir / tag), "--output_folder", str(target), "--inject_missing_state",
+                          "--num_extract_workers", "1", "--num_merge_workers", "1"], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise ConfigError(f"train.resume: converting {ckpt_dir / tag} to a universal checkpoint failed: "
+                          f"{res.stderr.strip().splitlines()[-1] if res.stderr.strip() else res.returncode}")
+
+
+def _pick_resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: MetricsLogger) -> tuple[str | None, bool]:
     resume = run.train.resume
     if resume == "auto":
         found = checkpointing.newest_complete(ckpt_dir, logger.print)
         if found is None:
             logger.print(f"train.resume=auto: no complete checkpoint in {ckpt_dir}; starting from step 0")
-            return None
+            return None, False
         logger.print(f"train.resume=auto: newest complete checkpoint is {found.path} (step {found.step})")
         tag = found.tag
     else:
@@ -138,7 +161,7 @@ def _pick_resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: Metrics
             if isinstance(resume, str):
                 raise ConfigError(f"train.resume={resume!r}: no checkpoint ('latest') in {ckpt_dir}")
             logger.print(f"train.resume=true: no checkpoint in {ckpt_dir}; starting from step 0")
-            return None
+            return None, False
         tag = latest.read_text().strip()
         problem = checkpointing.verify_checkpoint(ckpt_dir / tag)
         if problem is not None and (ckpt_dir / tag / checkpointing.MANIFEST).is_file():
@@ -150,11 +173,15 @@ def _pick_resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: Metrics
     if manifest_file.is_file():
         written_by = checkpointing.read_manifest(ckpt_dir / tag).get("world_size")
         if written_by is not None and written_by != world:
-            raise ConfigError(
-                f"train.resume={resume!r}: {ckpt_dir / tag} was written by {written_by} ranks, this run has {world}. "
-                "DeepSpeed checkpoints are tied to the rank count: convert it to a universal checkpoint (README, "
-                "'Resume on a different number of ranks') or resume with the same number of ranks")
-    return tag
+            if run.deepspeed.zero_stage == 3:
+                raise ConfigError(
+                    f"train.resume={resume!r}: {ckpt_dir / tag} was written by {written_by} ranks, this run has "
+                    f"{world}; resuming on another rank count goes through DeepSpeed's universal checkpoint, which "
+                    "this project has tested with ZeRO 0-2 only: resume with ZeRO-2 or the same number of ranks")
+            logger.print(f"train.resume: {ckpt_dir / tag} was written by {written_by} ranks, this run has {world}: "
+                         "resuming through a universal checkpoint")
+            return tag, True
+    return tag, False
 
 
 def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]:
@@ -219,8 +246,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(param_groups(model, run.train.weight_decay), lr=run.train.lr,
                                   betas=tuple(run.train.betas), eps=run.train.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(run.train, s))
+    # the checkpoint to resume from is chosen first: another rank count needs the universal loader configured
+    tag, universal = _resume_tag(run, ckpt_dir, world, logger) if run.train.resume else (None, False)
+    ds_config = deepspeed_config(run, use_bf16)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(run, use_bf16),
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         **({"mpu": layout.mpu} if layout.mpu is not None else {}))
 
     dp_rank, dp_world = layout.dp_rank, layout.dp_world  # the ranks of one SP group read the same samples
@@ -238,16 +270,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         last_saved = done
 
     start_step = 0
-    if run.train.resume:
-        tag = _resume_tag(run, ckpt_dir, world, logger)
-        if tag is not None:
-            load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            if load_path is None:
-                raise ConfigError(f"train.resume={run.train.resume!r}: DeepSpeed could not load {ckpt_dir / tag}")
-            start_step = int(client["step"])
+    if tag is not None:
+        load_tag = tag + UNIVERSAL_SUFFIX if universal else tag
+        load_path, client = engine.load_checkpoint(str(ckpt_dir), tag=load_tag)
+        if load_path is None:
+            raise ConfigError(f"train.resume={run.train.resume!r}: DeepSpeed could not load {ckpt_dir / load_tag}")
+        start_step = int(client["step"])
+        if universal:  # per-rank stream positions cannot follow a new rank layout: the stream restarts, reseeded
+            data = StreamingData(data_plan, run.train.seq_len, run.train.micro_batch_size,
+                                 run.train.seed + start_step, dp_rank, dp_world)
+            logger.print("warning: the data stream restarts (reseeded) after a rank-count change; resumed samples "
+                         "are not the ones the original run would have read")
+        else:
             load_data_state(data, ckpt_dir / tag, rank)  # this rank's stream position at that checkpoint
-            logger.print(f"resumed from {load_path} at step {start_step}")
-            last_saved = start_step
+        logger.print(f"resumed from {load_path} at step {start_step}")
+        last_saved = start_step
 
     tokens_per_step = run.train.micro_batch_size * run.train.grad_accum_steps * dp_world * run.train.seq_len
     kinds = [run.model.layer_kind(i) for i in range(run.model.num_hidden_layers)]
