@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.v4_attention.triton import INTERPRET, _load_rows, _new
+from dsv4.ops.v4_attention.triton import DOT_PRECISION, INTERPRET, _load_rows, _new
 
 
 @triton.jit
@@ -35,7 +35,7 @@ def _index_scores_kernel(
     for h in range(NH):
         b_q = _load_rows(IQ + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_c, m_t, m_c, UPCAST)
         b_w = tl.load(W + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, mask=m_t, other=0.0).to(tl.float32)
-        b_z = tl.dot(b_q, tl.trans(b_k))
+        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
         acc += b_w[:, None] * tl.maximum(b_z, 0.0)
     b_lo = tl.load(CLO + i_b * T + o_t, mask=m_t, other=0)
     b_hi = tl.load(CHI + i_b * T + o_t, mask=m_t, other=0)
@@ -68,10 +68,10 @@ def _index_scores_bwd_q_kernel(
             b_k = _load_rows(IK + i_b * stride_kb, o_n, stride_kn, o_c, m_n, m_c, UPCAST)
             p_g = DOUT + (i_b * T + o_t.to(tl.int64)[:, None]) * N + o_n[None, :]
             b_g = tl.load(p_g, mask=m_t[:, None] & m_n[None, :], other=0.0)
-            b_z = tl.dot(b_q, tl.trans(b_k))
+            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
             dw += tl.sum(b_g * tl.maximum(b_z, 0.0), axis=1)
             b_gz = tl.where(b_z > 0, b_g * b_w[:, None], 0.0)
-            dq += tl.dot(b_gz.to(b_k.dtype), b_k)
+            dq += tl.dot(b_gz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
         p_dq = DQ + i_b * stride_qb + h * stride_qh + o_t.to(tl.int64)[:, None] * stride_qt + o_c[None, :]
         tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
         tl.store(DW + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, dw, mask=m_t)
@@ -98,9 +98,9 @@ def _index_scores_bwd_k_kernel(
         for h in range(NH):
             b_q = _load_rows(IQ + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_c, m_t, m_c, UPCAST)
             b_w = tl.load(W + i_b * stride_wb + o_t.to(tl.int64) * stride_wt + h, mask=m_t, other=0.0)
-            b_z = tl.dot(b_q, tl.trans(b_k))
+            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
             b_gz = tl.where(b_z > 0, b_g * b_w.to(tl.float32)[:, None], 0.0)
-            dk += tl.dot(tl.trans(b_gz.to(b_q.dtype)), b_q)
+            dk += tl.dot(tl.trans(b_gz.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION)
     p_dk = DK + i_b * N * C + o_n.to(tl.int64)[:, None] * C + o_c[None, :]
     tl.store(p_dk, dk, mask=m_n[:, None] & m_c[None, :])
 
@@ -123,7 +123,7 @@ def _teacher_dense_kernel(
     for h in range(H):
         b_q = _load_rows(Q + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_d, m_t, m_d, UPCAST)
         b_lse = tl.load(LSE + i_b * stride_lb + o_t.to(tl.int64) * stride_lt + h, mask=m_t, other=0.0)
-        b_z = tl.dot(b_q, tl.trans(b_k)) * scale
+        b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
         acc += tl.exp(b_z - b_lse[:, None])
     b_lo = tl.load(CLO + i_b * T + o_t, mask=m_t, other=0)
     b_hi = tl.load(CHI + i_b * T + o_t, mask=m_t, other=0)

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# fp32 inputs keep full fp32 products on GPUs (no TF32); bf16/fp16 inputs run native tensor-core dots either way
+DOT_PRECISION = tl.constexpr("ieee")
 POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an unwritten element shows
 
 
@@ -50,13 +52,13 @@ def _load_rows(p_base, o_rows, stride_row, o_d, m_rows, m_d, UPCAST: tl.constexp
 
 @triton.jit
 def _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale):
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BH, BN]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale  # [BH, BN]
     b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(b_s, axis=1))
     alpha = tl.exp(m_i - m_new)
     b_p = tl.exp(b_s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(b_p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_k.dtype), b_k)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
@@ -122,14 +124,15 @@ def _attn_fwd_kernel(
 @triton.jit
 def _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dk_base, stride_dk, o_d, m_d, scale,
                ATOMIC: tl.constexpr):
-    b_s = tl.dot(b_q, tl.trans(b_k)) * scale  # [BH, BN]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale  # [BH, BN]
     b_p = tl.exp(b_s - b_lse[:, None])
     b_p = tl.where(m_n[None, :], b_p, 0.0)
-    b_dp = tl.dot(b_do, tl.trans(b_k))  # [BH, BN]   (V = K)
+    b_dp = tl.dot(b_do, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BH, BN]   (V = K)
     b_ds = b_p * (b_dp - b_delta[:, None])
-    dq += tl.dot(b_ds.to(b_k.dtype), b_k) * scale
+    dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION) * scale
     if ATOMIC:  # this K=V row is a key (ds) and a value (p)
-        b_dk = tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do) + tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q) * scale
+        b_dk = tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do, input_precision=DOT_PRECISION)
+        b_dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION) * scale
         p_dk = p_dk_base + o_n.to(tl.int64)[:, None] * stride_dk + o_d[None, :]
         tl.atomic_add(p_dk, b_dk, mask=m_n[:, None] & m_d[None, :])
     return dq
@@ -202,11 +205,12 @@ def _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stri
         p_stat = (i_b * S + t) * H + o_h
         b_lse = tl.load(LSE + p_stat, mask=m_h, other=0.0)
         b_delta = tl.load(DELTA + p_stat, mask=m_h, other=0.0)
-        b_s = tl.dot(b_q, tl.trans(b_k)) * scale
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
         b_p = tl.where(visible[None, :] & m_h[:, None], tl.exp(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, tl.trans(b_k))
+        b_dp = tl.dot(b_do, tl.trans(b_k), input_precision=DOT_PRECISION)
         b_ds = b_p * (b_dp - b_delta[:, None])
-        dk += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do) + tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q) * scale
+        dk += tl.dot(tl.trans(b_p.to(b_q.dtype)), b_do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(b_ds.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION) * scale
     return dk
 
 
