@@ -51,6 +51,18 @@ def _load_rows(p_base, o_rows, stride_row, o_d, m_rows, m_d, UPCAST: tl.constexp
 
 
 @triton.jit
+def _query_program(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Grid (S, B * head blocks) -> query t, batch b (int64), head offsets + mask, channel offsets + mask."""
+    i_t = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    n_hb = tl.cdiv(H, BLOCK_H)
+    i_b = (i_bh // n_hb).to(tl.int64)
+    o_h = (i_bh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
+    o_d = tl.arange(0, BLOCK_D)
+    return i_t, i_b, o_h, o_h < H, o_d, o_d < D
+
+
+@triton.jit
 def _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale):
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale  # [BH, BN]
     b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -70,14 +82,7 @@ def _attn_fwd_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    n_hb = tl.cdiv(H, BLOCK_H)
-    i_b = (i_bh // n_hb).to(tl.int64)
-    o_h = (i_bh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_h = o_h < H
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
+    i_t, i_b, o_h, m_h, o_d, m_d = _query_program(H, D, BLOCK_D, BLOCK_H)
     p_q = Q + i_b * stride_qb + i_t.to(tl.int64) * stride_qs
     b_q = _load_rows(p_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)  # [BH, BD]
 
@@ -146,14 +151,7 @@ def _attn_bwd_dq_kernel(
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     MODE: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    n_hb = tl.cdiv(H, BLOCK_H)
-    i_b = (i_bh // n_hb).to(tl.int64)
-    o_h = (i_bh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m_h = o_h < H
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
+    i_t, i_b, o_h, m_h, o_d, m_d = _query_program(H, D, BLOCK_D, BLOCK_H)
     row = i_b * stride_qb + i_t.to(tl.int64) * stride_qs
     b_q = _load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
     b_do = _load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
