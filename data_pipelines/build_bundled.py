@@ -79,15 +79,20 @@ def write_documents(docs: list[str], path: Path = CORPUS_PATH) -> None:
 # --------------------------------------------------------------------------
 
 
+def _tar_member(tar: tarfile.TarFile, member_suffix: str, source: Path) -> bytes:
+    """The bytes of the first member of an open tarball whose name ends with ``member_suffix``."""
+    for member in tar.getmembers():
+        if member.name.endswith(member_suffix):
+            f = tar.extractfile(member)
+            assert f is not None
+            return f.read()
+    raise FileNotFoundError(f"{member_suffix} not in {source}")
+
+
 def read_from_tar(tar_path: Path, member_suffix: str) -> bytes:
     """Return the bytes of the single member of a tarball ending with ``member_suffix``."""
     with tarfile.open(tar_path) as tar:
-        for member in tar.getmembers():
-            if member.name.endswith(member_suffix):
-                f = tar.extractfile(member)
-                assert f is not None
-                return f.read()
-    raise FileNotFoundError(f"{member_suffix} not in {tar_path}")
+        return _tar_member(tar, member_suffix, tar_path)
 
 
 def read_from_deb(deb_path: Path, member_suffix: str) -> bytes:
@@ -102,12 +107,7 @@ def read_from_deb(deb_path: Path, member_suffix: str) -> bytes:
         body = blob[pos + 60 : pos + 60 + size]
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(member_suffix):
-                        f = tar.extractfile(member)
-                        assert f is not None
-                        return f.read()
-            raise FileNotFoundError(f"{member_suffix} not in {deb_path}")
+                return _tar_member(tar, member_suffix, deb_path)
         pos += 60 + size + (size % 2)
     raise ValueError(f"no data.tar member in {deb_path}")
 

@@ -63,6 +63,24 @@ def _query_program(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.conste
 
 
 @triton.jit
+def _range_block(P_ROWS, start, end, stride_row, o_d, m_d, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows start .. start+BN-1 of a contiguous key range ending before `end` -> (row ids, mask, rows [BN, BD])."""
+    o_n = start + tl.arange(0, BLOCK_N)
+    m_n = o_n < end
+    return o_n, m_n, _load_rows(P_ROWS, o_n, stride_row, o_d, m_n, m_d, UPCAST)
+
+
+@triton.jit
+def _picked_block(P_IDX, start, K, P_ROWS, stride_row, o_d, m_d, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Picks start .. start+BN-1 of a top-k list (-1 = none) -> (entry ids, mask, gathered rows [BN, BD])."""
+    o_k = start + tl.arange(0, BLOCK_N)
+    b_idx = tl.load(P_IDX + o_k, mask=o_k < K, other=-1)
+    m_n = b_idx >= 0
+    o_n = tl.maximum(b_idx, 0)
+    return o_n, m_n, _load_rows(P_ROWS, o_n, stride_row, o_d, m_n, m_d, UPCAST)
+
+
+@triton.jit
 def _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale):
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale  # [BH, BN]
     b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -93,25 +111,18 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     # 1. window rows (the query's own row is always one: m_i is finite after this loop)
     for start in range(w_lo, w_hi + 1, BLOCK_N):
-        o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n <= w_hi
-        b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
+        _, m_n, b_k = _range_block(KV + i_b * stride_kvb, start, w_hi + 1, stride_kvs, o_d, m_d, UPCAST, BLOCK_N)
         m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     # 2. compressed entries
     if MODE == 1:
         c_lo, c_hi = tl.load(CLO + p_range), tl.load(CHI + p_range)
         for start in range(c_lo, c_hi, BLOCK_N):
-            o_n = start + tl.arange(0, BLOCK_N)
-            m_n = o_n < c_hi
-            b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+            _, m_n, b_k = _range_block(CKV + i_b * stride_cb, start, c_hi, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
             m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     if MODE == 2:
         p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_is
         for start in range(0, K, BLOCK_N):
-            o_k = start + tl.arange(0, BLOCK_N)
-            b_idx = tl.load(p_idx + o_k, mask=o_k < K, other=-1)
-            m_n = b_idx >= 0
-            b_k = _load_rows(CKV + i_b * stride_cb, tl.maximum(b_idx, 0), stride_cs, o_d, m_n, m_d, UPCAST)
+            _, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
             m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     # 3. the sink: a logit per head, no value
     b_sink = tl.load(SINK + o_h, mask=m_h, other=0.0).to(tl.float32)
@@ -165,25 +176,18 @@ def _attn_bwd_dq_kernel(
     p_range = i_b * S + i_t
     w_lo, w_hi = tl.load(WLO + p_range), tl.load(WHI + p_range)
     for start in range(w_lo, w_hi + 1, BLOCK_N):
-        o_n = start + tl.arange(0, BLOCK_N)
-        m_n = o_n <= w_hi
-        b_k = _load_rows(KV + i_b * stride_kvb, o_n, stride_kvs, o_d, m_n, m_d, UPCAST)
+        o_n, m_n, b_k = _range_block(KV + i_b * stride_kvb, start, w_hi + 1, stride_kvs, o_d, m_d, UPCAST, BLOCK_N)
         dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dkv, D, o_d, m_d, scale, ATOMIC)
     if MODE == 1:
         c_lo, c_hi = tl.load(CLO + p_range), tl.load(CHI + p_range)
         for start in range(c_lo, c_hi, BLOCK_N):
-            o_n = start + tl.arange(0, BLOCK_N)
-            m_n = o_n < c_hi
-            b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+            o_n, m_n, b_k = _range_block(CKV + i_b * stride_cb, start, c_hi, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
             dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
     if MODE == 2:
         p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_is
         for start in range(0, K, BLOCK_N):
-            o_k = start + tl.arange(0, BLOCK_N)
-            b_idx = tl.load(p_idx + o_k, mask=o_k < K, other=-1)
-            m_n = b_idx >= 0
-            o_n = tl.maximum(b_idx, 0)
-            b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
+            o_n, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST,
+                                          BLOCK_N)
             dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
     p_dq = DQ + row + o_h[:, None] * stride_qh + o_d[None, :]
     tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_h[:, None] & m_d[None, :])
