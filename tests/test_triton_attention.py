@@ -96,6 +96,15 @@ def test_kernels_with_document_ranges(mode, deterministic):
             ranges=ranges, n_entries=starts.shape[1], seed=3)
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_deterministic_dkv_split_into_segments_and_chunks(mode, monkeypatch):
+    """Long sequences split the fixed-order dK=V work: dense entries' readers into query segments (partial
+    sums added in segment order), sparse picks into query chunks that fit the buffer. Force both splits."""
+    monkeypatch.setattr(triton_kernels, "DK_SEGMENT_QUERIES", 4)  # dense: 3 segments (the buffer caps 6)
+    monkeypatch.setattr(triton_kernels, "DK_BUFFER_BYTES", 5 * 2 * 3 * 16 * 4)  # sparse: 5 queries per chunk
+    compare(23, heads=3, mode=mode, dtype=torch.float32, deterministic=True, seed=23)
+
+
 def test_deterministic_dkv_is_bitwise_repeatable():
     q, kv, sink, cmp, picks = make_inputs(1, 11, 2, 16, 4, 3, "sparse", torch.float32, seed=5)
     grads = []

@@ -10,9 +10,14 @@ The program walks three key sets in one online softmax:
 Forward saves the log-sum-exp; backward recomputes P from it (flash-attention style).
 
 dK=V has two paths: "atomic" (the dq program adds its rows' gradients with fp32 atomics: fast, order
-not fixed) and "deterministic" (one program per K=V row block gathers every query that read it: the
-window's queries are a contiguous range, dense entries are read by all later queries, and sparse
-entries through an inverse index built from the picks). Deterministic is the default.
+not fixed) and "deterministic" (every sum in a fixed order; the default):
+  - window rows: one program per K=V row block gathers the queries that read it (a contiguous range);
+  - dense entries (HCA, dense CSA): the same, with the readers (every later query) split into segments
+    of DK_SEGMENT_QUERIES, one program each, partial sums added in segment order;
+  - top-k picks: per query chunk, one program per query writes the gradient each of its picks sends
+    (heads summed: q and dO read once, rows gathered as in the forward), then one program per entry sums
+    its picks in query order through the inverse index of the picks (CSR). Working memory of both
+    splits is bounded by DK_BUFFER_BYTES.
 
 Kernel naming follows the house style: b_ block values, p_ pointers, o_ offsets, m_ masks, i_ program ids.
 Inputs are loaded and upcast to fp32 when UPCAST (always under TRITON_INTERPRET, whose bf16 is wrong),
@@ -220,14 +225,16 @@ def _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stri
 def _attn_bwd_dk_ranged_kernel(
     Q, KEYS, DO, LSE, DELTA, DKEYS, LO, HI, RFIRST, RLAST,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks,
-    S, NK, H, scale,
+    S, NK, H, SEG_LEN, scale,
     HI_EXCLUSIVE: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Deterministic d(rows) j0..j0+BN-1 of KEYS (raw rows: [LO, HI] per query; dense entries: [LO, HI)):
-    the queries that read the block are RFIRST..RLAST of the block (ranges are monotone in t)."""
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1).to(tl.int64)
+    the queries that read the block are RFIRST..RLAST of the block (ranges are monotone in t). Program
+    (block, segment, batch) takes the readers in queries seg*SEG_LEN .. (seg+1)*SEG_LEN-1 and writes its
+    partial sum to DKEYS[seg, b] (a reader span of a whole sequence would leave most of the GPU idle)."""
+    i_n, i_seg = tl.program_id(0), tl.program_id(1)
+    i_b = tl.program_id(2).to(tl.int64)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < NK
     o_d = tl.arange(0, BLOCK_D)
@@ -235,8 +242,8 @@ def _attn_bwd_dk_ranged_kernel(
     b_k = _load_rows(KEYS + i_b * stride_kb, o_n, stride_ks, o_d, m_n, m_d, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_blocks = tl.cdiv(NK, BLOCK_N)
-    t_first = tl.load(RFIRST + i_b * n_blocks + i_n)
-    t_last = tl.load(RLAST + i_b * n_blocks + i_n)
+    t_first = tl.maximum(tl.load(RFIRST + i_b * n_blocks + i_n), i_seg * SEG_LEN)
+    t_last = tl.minimum(tl.load(RLAST + i_b * n_blocks + i_n), i_seg * SEG_LEN + SEG_LEN - 1)
     for t in range(t_first, t_last + 1):
         lo = tl.load(LO + i_b * S + t)
         hi = tl.load(HI + i_b * S + t)
@@ -246,35 +253,62 @@ def _attn_bwd_dk_ranged_kernel(
             visible = m_n & (o_n >= lo) & (o_n <= hi)
         dk = _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
                             o_d, m_d, scale, dk, BLOCK_H, UPCAST)
-    p_dk = DKEYS + i_b * NK * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
+    p_dk = DKEYS + ((i_seg * tl.num_programs(2) + i_b) * NK + o_n.to(tl.int64)[:, None]) * D + o_d[None, :]
     tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
 
 
 @triton.jit
-def _attn_bwd_dckv_sparse_kernel(
-    Q, CKV, DO, LSE, DELTA, DCKV, OFFSETS, READERS,
-    stride_qb, stride_qs, stride_qh, stride_cb, stride_cs,
-    S, H, N, scale,
+def _attn_bwd_pick_grad_kernel(
+    Q, CKV, IDX, DO, LSE, DELTA, G,
+    stride_qb, stride_qs, stride_qh, stride_cb, stride_cs, stride_ib, stride_is,
+    S, H, K, T0, T, scale,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Deterministic d(entry i) in sparse mode: READERS[OFFSETS[b*N+i] : OFFSETS[b*N+i+1]] lists, in query
-    order, the queries that picked entry i (the inverse of the top-k index)."""
-    i_n = tl.program_id(0)
+    """Sparse dK=V, step 1: query T0 + program 0 writes, for each of its K picks, the gradient it sends to the
+    picked entry (all heads summed) into G[b, t - T0, j, :] (fp32; zeros for -1 picks). The query's q and dO
+    are read once per pick block and stay in cache; the picked rows are gathered as in the forward."""
+    i_t = tl.program_id(0)
     i_b = tl.program_id(1).to(tl.int64)
-    o_n = i_n + tl.arange(0, BLOCK_N)  # row 0 is entry i_n; the rest are masked padding for tl.dot
-    m_n = o_n == i_n
+    t = T0 + i_t
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cs, o_d, m_n, m_d, UPCAST)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    first = tl.load(OFFSETS + i_b * N + i_n)
-    last = tl.load(OFFSETS + i_b * N + i_n + 1)
-    for r in range(first, last):
-        t = tl.load(READERS + r)
+    p_idx = IDX + i_b * stride_ib + t.to(tl.int64) * stride_is
+    p_g = G + ((i_b * T + i_t) * K).to(tl.int64) * D
+    for start in range(0, K, BLOCK_N):
+        o_n, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dk = _dk_from_query(b_k, m_n, m_n, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
                             o_d, m_d, scale, dk, BLOCK_H, UPCAST)
-    p_dk = DCKV + i_b * N * D + o_n.to(tl.int64)[:, None] * D + o_d[None, :]
-    tl.store(p_dk, dk, mask=m_n[:, None] & m_d[None, :])
+        o_j = start + tl.arange(0, BLOCK_N)
+        tl.store(p_g + o_j.to(tl.int64)[:, None] * D + o_d[None, :], dk, mask=(o_j < K)[:, None] & m_d[None, :])
+
+
+@triton.jit
+def _segment_sum_kernel(
+    G, OFFSETS, SLOTS, DCKV, N, TK, ACCUMULATE,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Sparse dK=V, step 2: entry i of batch b sums the rows G[b, slot] for the slots listed in
+    SLOTS[OFFSETS[b*N+i] : OFFSETS[b*N+i+1]] (the picks of entry i, in query order: the inverse index),
+    in that fixed order, and stores (ACCUMULATE=0) or adds (1) the sum to DCKV[b, i]."""
+    i_n = tl.program_id(0)
+    i_b = tl.program_id(1).to(tl.int64)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    first = tl.load(OFFSETS + i_b * N + i_n)
+    last = tl.load(OFFSETS + i_b * N + i_n + 1)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for r0 in range(first, last, BLOCK_R):
+        o_r = r0 + tl.arange(0, BLOCK_R)
+        m_r = o_r < last
+        b_slot = tl.load(SLOTS + o_r, mask=m_r, other=0).to(tl.int64)
+        b_g = tl.load(G + (i_b * TK + b_slot[:, None]) * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :],
+                      other=0.0)
+        acc += tl.sum(b_g, axis=0)
+    p_out = DCKV + (i_b * N + i_n) * D + o_d
+    if ACCUMULATE:
+        acc += tl.load(p_out, mask=m_d, other=0.0)
+    tl.store(p_out, acc, mask=m_d)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -309,24 +343,66 @@ def attention_fwd(q, kv, ckv, idx, sink, ranges: tuple, scale: float):
     return out, lse
 
 
+# Deterministic dK=V working memory: the per-pick gradient buffer of the sparse path and the per-segment
+# partial sums of the dense-entry path are each kept under this many bytes (the work is split to fit).
+DK_BUFFER_BYTES = 1 << 30
+# Readers of a dense compressed entry (every later query) are split into segments of this many queries,
+# one program each, so a long sequence keeps the whole GPU busy; partial sums are added in segment order.
+DK_SEGMENT_QUERIES = 1024
+
+
 def inverse_index(idx: torch.Tensor, num_entries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each (batch, entry): the queries that picked it, in query order (CSR: offsets [B*N+1], readers)."""
+    """For each (batch, entry): the pick slots (t * k + j, t counted within idx) that chose it, in query
+    order -> CSR (offsets [B*N+1] int32, slots int32)."""
     batch, seq_len, k = idx.shape
     entry = idx.long() + torch.arange(batch, device=idx.device)[:, None, None] * num_entries
-    query = torch.arange(seq_len, device=idx.device)[None, :, None].expand(batch, seq_len, k)
+    slot = torch.arange(seq_len * k, device=idx.device).view(1, seq_len, k).expand(batch, -1, -1)
     valid = idx >= 0
-    entry, query = entry[valid], query[valid]
-    order = torch.sort(entry * seq_len + query).indices  # entry-major, then query order
+    entry, slot = entry[valid], slot[valid]
+    order = torch.sort(entry * (seq_len * k) + slot).indices  # entry-major, then query order
     counts = torch.bincount(entry, minlength=batch * num_entries)
     offsets = torch.zeros(batch * num_entries + 1, dtype=torch.int32, device=idx.device)
     offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, query[order].to(torch.int32).contiguous()
+    return offsets, slot[order].to(torch.int32).contiguous()
+
+
+def _dk_ranged(q, keys, do, lse, delta, lo, hi, hi_exclusive: bool, cfg: dict, scale: float, n_segments: int):
+    """Deterministic dK=V of raw rows (window) or dense entries: fp32 [B, NK, D]."""
+    from dsv4.ops.ranges import reader_ranges
+
+    batch, seq_len, n_heads, dim = q.shape
+    n_keys = keys.shape[1]
+    block_n = cfg["BLOCK_N"]
+    first, last = reader_ranges(lo, hi - 1 if hi_exclusive else hi, n_keys, block_n)
+    seg_len = triton.cdiv(seq_len, n_segments)
+    partial = _new((n_segments, batch, n_keys, dim), q, torch.float32)
+    _attn_bwd_dk_ranged_kernel[(triton.cdiv(n_keys, block_n), n_segments, batch)](
+        q, keys, do, lse, delta, partial, lo, hi, first, last, q.stride(0), q.stride(1), q.stride(2),
+        keys.stride(0), keys.stride(1), seq_len, n_keys, n_heads, seg_len, scale, HI_EXCLUSIVE=hi_exclusive, **cfg)
+    return partial[0] if n_segments == 1 else partial.sum(0)  # a fixed-order reduction
+
+
+def _dk_sparse(q, ckv, idx, do, lse, delta, cfg: dict, scale: float):
+    """Deterministic dK=V of top-k picked entries: fp32 [B, N, D]. Query chunks sized to DK_BUFFER_BYTES:
+    each writes its per-pick gradients, then every entry sums its picks in query order."""
+    batch, seq_len, n_heads, dim = q.shape
+    n_entries, k = ckv.shape[1], idx.shape[-1]
+    dckv = _new((batch, n_entries, dim), q, torch.float32)
+    chunk = max(1, min(seq_len, DK_BUFFER_BYTES // (batch * k * dim * 4)))
+    for t0 in range(0, seq_len, chunk):
+        n_q = min(chunk, seq_len - t0)
+        grads = _new((batch, n_q, k, dim), q, torch.float32)
+        _attn_bwd_pick_grad_kernel[(n_q, batch)](
+            q, ckv, idx, do, lse, delta, grads, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0),
+            ckv.stride(1), idx.stride(0), idx.stride(1), seq_len, n_heads, k, t0, n_q, scale, **cfg)
+        offsets, slots = inverse_index(idx[:, t0:t0 + n_q], n_entries)
+        _segment_sum_kernel[(n_entries, batch)](
+            grads, offsets, slots, dckv, n_entries, n_q * k, int(t0 > 0), D=dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_R=16)
+    return dckv
 
 
 def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: float, deterministic: bool = True):
     """-> dq, dkv, dckv (None without ckv), dsink."""
-    from dsv4.ops.ranges import reader_ranges
-
     batch, seq_len, n_heads, dim = q.shape
     n_rows = kv.shape[1]
     window_lo, window_hi, cmp_lo, cmp_hi = ranges
@@ -337,10 +413,12 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: flo
     n_entries = ckv_.shape[1]
     idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
     cfg = _config(q, dim)
-    alloc = _new if deterministic else (lambda shape, like, dtype: torch.zeros(shape, dtype=dtype, device=like.device))
     dq = _new(q.shape, q)
-    dkv = alloc((batch, n_rows, dim), q, torch.float32)
-    dckv = alloc((batch, n_entries, dim), q, torch.float32)
+    if deterministic:  # the dq kernel adds nothing; dK=V comes from the fixed-order kernels below
+        dkv = dckv = torch.empty(1, dtype=torch.float32, device=q.device)
+    else:  # fp32 atomics from the dq kernel
+        dkv = torch.zeros((batch, n_rows, dim), dtype=torch.float32, device=q.device)
+        dckv = torch.zeros((batch, n_entries, dim), dtype=torch.float32, device=q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
                idx_.stride(0), idx_.stride(1))
     grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
@@ -348,22 +426,15 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: flo
         q, kv, ckv_, idx_, do, lse, delta, dq, dkv, dckv, *ranges, *strides,
         seq_len, n_rows, n_heads, n_entries, idx_.shape[-1], scale, MODE=mode, ATOMIC=not deterministic, **cfg)
     if deterministic:
-        block_n = cfg["BLOCK_N"]
-        q_strides = (q.stride(0), q.stride(1), q.stride(2))
-        first, last = reader_ranges(window_lo, window_hi, n_rows, block_n)
-        _attn_bwd_dk_ranged_kernel[(triton.cdiv(n_rows, block_n), batch)](
-            q, kv, do, lse, delta, dkv, window_lo, window_hi, first, last, *q_strides, kv.stride(0), kv.stride(1),
-            seq_len, n_rows, n_heads, scale, HI_EXCLUSIVE=False, **cfg)
+        dkv = _dk_ranged(q, kv, do, lse, delta, window_lo, window_hi, False, cfg, scale, 1)  # window: short spans
         if mode == 1 and n_entries > 0:
-            first, last = reader_ranges(cmp_lo, cmp_hi - 1, n_entries, block_n)
-            _attn_bwd_dk_ranged_kernel[(triton.cdiv(n_entries, block_n), batch)](
-                q, ckv, do, lse, delta, dckv, cmp_lo, cmp_hi, first, last, *q_strides, ckv.stride(0),
-                ckv.stride(1), seq_len, n_entries, n_heads, scale, HI_EXCLUSIVE=True, **cfg)
+            per_segment = batch * n_entries * dim * 4
+            n_segments = max(1, min(triton.cdiv(seq_len, DK_SEGMENT_QUERIES), DK_BUFFER_BYTES // per_segment))
+            dckv = _dk_ranged(q, ckv, do, lse, delta, cmp_lo, cmp_hi, True, cfg, scale, n_segments)
         if mode == 2 and n_entries > 0:
-            offsets, readers = inverse_index(idx, n_entries)
-            _attn_bwd_dckv_sparse_kernel[(n_entries, batch)](
-                q, ckv, do, lse, delta, dckv, offsets, readers, *q_strides,
-                ckv.stride(0), ckv.stride(1), seq_len, n_heads, n_entries, scale, **cfg)
+            dckv = _dk_sparse(q, ckv, idx, do, lse, delta, cfg, scale)
+        if ckv is not None and n_entries == 0:
+            dckv = torch.zeros_like(ckv, dtype=torch.float32)
     # the sink's logit: d lse_{t,h} / d sink_h = p_sink; dL/dsink_h = -sum_t p_sink(t, h) * delta(t, h)
     dsink = -(torch.exp(sink.float()[None, None, :] - lse) * delta).sum(dim=(0, 1))
     return dq, dkv.to(kv.dtype), (dckv.to(ckv.dtype) if ckv is not None else None), dsink.to(sink.dtype)
