@@ -57,12 +57,14 @@ def _load_rows(p_base, o_rows, stride_row, o_d, m_rows, m_d, UPCAST: tl.constexp
 
 @triton.jit
 def _query_program(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Grid (S, B * head blocks) -> query t, batch b (int64), head offsets + mask, channel offsets + mask."""
-    i_t = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    """Grid (S * head blocks, B) -> query t, batch b (int64), head offsets + mask, channel offsets + mask.
+    The head blocks of one query are consecutive programs, so they run together and the K=V rows the
+    first one gathers are still in L2 for the others."""
     n_hb = tl.cdiv(H, BLOCK_H)
-    i_b = (i_bh // n_hb).to(tl.int64)
-    o_h = (i_bh % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i_th = tl.program_id(0)
+    i_t = i_th // n_hb
+    i_b = tl.program_id(1).to(tl.int64)
+    o_h = (i_th % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
     o_d = tl.arange(0, BLOCK_D)
     return i_t, i_b, o_h, o_h < H, o_d, o_d < D
 
@@ -334,7 +336,7 @@ def attention_fwd(q, kv, ckv, idx, sink, ranges: tuple, scale: float):
     out = _new(q.shape, q)
     lse = _new((batch, seq_len, n_heads), q, torch.float32)
     cfg = _config(q, dim)
-    grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
+    grid = (seq_len * triton.cdiv(n_heads, cfg["BLOCK_H"]), batch)
     _attn_fwd_kernel[grid](
         q, kv, ckv_, idx_, sink, out, lse, *ranges,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
@@ -421,7 +423,7 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: flo
         dckv = torch.zeros((batch, n_entries, dim), dtype=torch.float32, device=q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), ckv_.stride(0), ckv_.stride(1),
                idx_.stride(0), idx_.stride(1))
-    grid = (seq_len, batch * triton.cdiv(n_heads, cfg["BLOCK_H"]))
+    grid = (seq_len * triton.cdiv(n_heads, cfg["BLOCK_H"]), batch)
     _attn_bwd_dq_kernel[grid](
         q, kv, ckv_, idx_, do, lse, delta, dq, dkv, dckv, *ranges, *strides,
         seq_len, n_rows, n_heads, n_entries, idx_.shape[-1], scale, MODE=mode, ATOMIC=not deterministic, **cfg)
