@@ -6,6 +6,8 @@ is only materialised while its own module runs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +58,9 @@ class GroupedLinear(nn.Module):
         super().__init__()
         self.groups, self.out_per_group = groups, out_per_group
         self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group))
+        # nn.Linear's default (fan_in = in_per_group), so a layer built on its own holds no uninitialised
+        # memory; DSV4Model.reset_parameters re-initialises every weight with the model's std
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.view(self.groups, self.out_per_group, -1)

@@ -198,3 +198,23 @@ def test_dense_baseline_matches_explicit_softmax():
     scores = scores.masked_fill(torch.ones(9, 9, dtype=torch.bool).triu(1), float("-inf"))
     ref = torch.einsum("bhst,bthd->bshd", scores.softmax(-1), v).reshape(2, 9, -1)
     assert_close(out, layer.wo(ref), "dense baseline")
+
+
+@pytest.mark.parametrize("ratio", [0, 4, 8, -1])
+def test_layer_built_on_its_own_is_initialised(ratio):
+    """A layer built outside DSV4Model (benchmarks, users composing their own decoder) holds no uninitialised
+    memory: with deterministic algorithms on, torch fills torch.empty with NaN, so a parameter left as
+    torch.empty shows up here, and the forward + backward stay finite."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        cfg = small_config(ratio, **({"dense_head_dim": 16} if ratio == -1 else {}))
+        layer = (DenseAttention if ratio == -1 else V4Attention)(cfg, 0, AttentionOptions())
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    bad = [name for name, p in layer.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, f"uninitialised parameters: {bad}"
+    x = torch.randn(1, 16, cfg.hidden_size, requires_grad=True)
+    out, aux = layer(x, torch.arange(16))
+    (out.square().mean() + (aux if aux is not None else 0.0)).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
