@@ -2,7 +2,7 @@
 
     python benchmarks/attention.py                       # GPU: V4-Flash layer sizes, S = 4K .. 128K
     python benchmarks/attention.py --preset tiny         # CPU: tiny sizes, so the script never rots
-    python benchmarks/attention.py --lengths 4096 16384 --paths triton torch dense
+    python benchmarks/attention.py --lengths 4096 16384 --paths triton triton-atomic torch
 
 Each row: one layer module (projections, compressor, indexer, attention core, output projection),
 forward + backward of a random input, batch 1, after warm-up; the median of --repeats runs.
@@ -53,7 +53,8 @@ PRESETS = {
 def layer_for(kind: str, base: dict, ratio_hca: int, path: str, chunk: int) -> torch.nn.Module:
     ratio = {"csa": 4, "hca": ratio_hca, "window": 0, "dense": -1}[kind]
     cfg = ModelConfig(**{**base, "compress_ratios": [ratio]})
-    options = AttentionOptions(backend=path if path != "dense" else "torch", chunk_size=chunk, phase="sparse")
+    backend = {"dense": "torch", "triton-atomic": "triton"}.get(path, path)
+    options = AttentionOptions(backend=backend, chunk_size=chunk, phase="sparse", deterministic=path != "triton-atomic")
     return (DenseAttention if kind == "dense" else V4Attention)(cfg, 0, options)
 
 
@@ -119,8 +120,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[4096, 8192, 16384, 32768, 65536, 131072] if cuda else [512, 1024, 2048])
     parser.add_argument("--kinds", nargs="+", default=["csa", "hca", "window", "dense"])
-    parser.add_argument("--paths", nargs="+", default=["triton", "torch"] if cuda else ["torch"],
-                        help="V4 paths to time (triton needs CUDA or TRITON_INTERPRET=1)")
+    parser.add_argument("--paths", nargs="+", choices=["triton", "triton-atomic", "torch"],
+                        default=["triton", "triton-atomic", "torch"] if cuda else ["torch"],
+                        help="V4 paths to time: triton (fixed-order dK=V, the default), triton-atomic (fp32 atomic "
+                             "dK=V), torch (query-chunked PyTorch); triton needs CUDA or TRITON_INTERPRET=1")
     parser.add_argument("--hca-ratio", type=int, default=128)
     parser.add_argument("--chunk", type=int, default=256, help="query chunk of the torch path")
     parser.add_argument("--repeats", type=int, default=3)
@@ -133,7 +136,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"# V4 attention layer fwd+bwd | preset {args.preset} | {args.dtype} | batch 1 | {name} | torch "
           f"{torch.__version__}")
-    print(f"{'kind':<7} {'path':<7} {'S':>7} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'peak GiB':>9} {'vs dense':>9}")
+    print(f"{'kind':<7} {'path':<13} {'S':>7} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'peak GiB':>9} {'vs dense':>9}")
     for seq_len in args.lengths:
         dense_ms = None
         rows = []
@@ -160,10 +163,10 @@ def main() -> None:
                 del layer, x
         for kind, path, seq_len_, ms, tflops, gbs, peak in rows:
             if ms is None:
-                print(f"{kind:<7} {path:<7} {seq_len_:>7} {'OOM':>10}")
+                print(f"{kind:<7} {path:<13} {seq_len_:>7} {'OOM':>10}")
                 continue
             ratio = f"{dense_ms / ms:>8.2f}x" if dense_ms else f"{'':>9}"
-            print(f"{kind:<7} {path:<7} {seq_len_:>7} {ms:>10.2f} {tflops:>8.3f} {gbs:>8.1f} {peak:>9.2f} {ratio}")
+            print(f"{kind:<7} {path:<13} {seq_len_:>7} {ms:>10.2f} {tflops:>8.3f} {gbs:>8.1f} {peak:>9.2f} {ratio}")
 
 
 if __name__ == "__main__":
