@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if b.shared_bytes > limit:
             over.append(b)
     for b in over:
-        print(f"error: {b.kernel} [{b.variant}] needs {b.shared_bytes} B of shared memory > {limit} B on sm_{args.arch}")
+        print(f"error: {b.kernel} [{b.variant}] needs {b.shared_bytes} B of shared memory, more than the "
+              f"{limit} B of sm_{args.arch}")
     return 1 if over else 0
 
 

@@ -19,10 +19,20 @@ def _chunk_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.T
     return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
 
 
-def _entry_slice(r: AttentionRanges) -> tuple[int, int]:
-    """The entries any query of this chunk may see: [first, last)."""
-    first = int(r.cmp_lo.min())
-    return first, max(int(r.cmp_hi.max()), first)
+def _chunk_entry_slices(ranges: AttentionRanges, chunk_size: int) -> list[tuple[int, int, int, int]]:
+    """Per query chunk: (first query, last query, first entry, last entry) - the entries [e0, e1) any query of
+    the chunk may see. One device-to-host copy for all chunks (a GPU does not stall once per chunk)."""
+    seq_len = ranges.cmp_lo.shape[1]
+    n_chunks = -(-seq_len // chunk_size)
+    pad = n_chunks * chunk_size - seq_len
+    lo, hi = ranges.cmp_lo.amin(0), ranges.cmp_hi.amax(0)
+    lo, hi = (torch.cat([x, x[-1:].expand(pad)]) for x in (lo, hi))  # repeat the last query: same min / max
+    bounds = torch.stack([lo.view(n_chunks, chunk_size).amin(1), hi.view(n_chunks, chunk_size).amax(1)], 1)
+    out = []
+    for i, (e0, e1) in enumerate(bounds.tolist()):
+        first = i * chunk_size
+        out.append((first, min(first + chunk_size, seq_len), e0, max(e1, e0)))
+    return out
 
 
 def _masked_scores(index_q, index_k, weights, r: AttentionRanges, first_entry: int, use_triton: bool):
@@ -41,12 +51,10 @@ def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk
     k = min(topk, index_k.shape[1])
     out = torch.full((batch, seq_len, k), -1, dtype=torch.long, device=index_q.device)
     with torch.no_grad():
-        for first in range(0, seq_len, chunk_size):
-            last = min(first + chunk_size, seq_len)
-            r = ranges.slice(first, last)
-            e0, e1 = _entry_slice(r)
+        for first, last, e0, e1 in _chunk_entry_slices(ranges, chunk_size):
             if e1 == e0:
                 continue
+            r = ranges.slice(first, last)
             scores = _masked_scores(index_q[:, first:last], index_k[:, e0:e1], weights[:, first:last], r, e0,
                                     use_triton)
             kk = min(k, e1 - e0)
@@ -103,13 +111,15 @@ def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: 
     ranges = _ranges(ranges, q, ratio)
     q, compressed_kv, lse = q.detach(), compressed_kv.detach(), lse.detach()  # the teacher is detached
     total = index_q.new_zeros((), dtype=torch.float32)
-    count = 0
+    count = torch.zeros((), dtype=torch.long, device=q.device)  # stays on the device until the end
     recompute = torch.is_grad_enabled()
-    for first in range(0, seq_len, chunk_size):
-        last = min(first + chunk_size, seq_len)
+    if topk_idx is None:
+        chunks = _chunk_entry_slices(ranges, chunk_size)
+    else:  # the picks name the entries: no slice needed
+        chunks = [(first, min(first + chunk_size, seq_len), 0, 0) for first in range(0, seq_len, chunk_size)]
+    for first, last, e0, e1 in chunks:
         r = ranges.slice(first, last)
         if topk_idx is None:
-            e0, e1 = _entry_slice(r)
             if e1 == e0:
                 continue
             cmp, idx_k, picks = compressed_kv[:, e0:e1], index_k[:, e0:e1], None
@@ -122,7 +132,8 @@ def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: 
         else:
             part, n = _kl_chunk(*args)
         total = total + part
-        count += int(n)
+        count = count + n
+    count = int(count)  # the one host sync of the loss
     if count_reduce is not None:  # sequence parallelism: divide by the count over the whole sequence
         count = count_reduce(count)
     return total / max(count, 1)
