@@ -315,11 +315,17 @@ def _segment_sum_kernel(
 
 # ------------------------------------------------------------------------------------------ launchers
 
-def _config(q: torch.Tensor, dim: int) -> dict:
+# Tuning hook for benchmarks/attention_core.py: kernel group ("fwd", "dq", "dk") -> entries that replace the
+# pinned ones (BLOCK_H, BLOCK_N, num_warps, num_stages). Empty in training, so every rank runs the same kernels.
+LAUNCH_OVERRIDES: dict[str, dict] = {}
+
+
+def _config(q: torch.Tensor, dim: int, group: str = "fwd") -> dict:
     """Pinned launch configuration (identical on every rank: no autotuning)."""
     block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16 on GPUs
-    return dict(D=dim, BLOCK_D=block_d, BLOCK_H=16, BLOCK_N=16 if block_d >= 256 else 32,
-                UPCAST=INTERPRET or q.dtype == torch.float32)
+    pinned = dict(D=dim, BLOCK_D=block_d, BLOCK_H=16, BLOCK_N=16 if block_d >= 256 else 32,
+                  UPCAST=INTERPRET or q.dtype == torch.float32)
+    return {**pinned, **LAUNCH_OVERRIDES.get(group, {})}
 
 
 def _mode(ckv, idx) -> int:
@@ -414,7 +420,7 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: flo
     ckv_ = ckv if ckv is not None else kv
     n_entries = ckv_.shape[1]
     idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
-    cfg = _config(q, dim)
+    cfg = _config(q, dim, "dq")
     dq = _new(q.shape, q)
     if deterministic:  # the dq kernel adds nothing; dK=V comes from the fixed-order kernels below
         dkv = dckv = torch.empty(1, dtype=torch.float32, device=q.device)
@@ -428,6 +434,7 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: flo
         q, kv, ckv_, idx_, do, lse, delta, dq, dkv, dckv, *ranges, *strides,
         seq_len, n_rows, n_heads, n_entries, idx_.shape[-1], scale, MODE=mode, ATOMIC=not deterministic, **cfg)
     if deterministic:
+        cfg = _config(q, dim, "dk")
         dkv = _dk_ranged(q, kv, do, lse, delta, window_lo, window_hi, False, cfg, scale, 1)  # window: short spans
         if mode == 1 and n_entries > 0:
             per_segment = batch * n_entries * dim * 4

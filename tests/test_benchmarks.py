@@ -1,0 +1,53 @@
+"""The benchmark scripts keep running (tiny sizes on CPU; the Triton core under the interpreter): a GPU session
+must not find them broken. Timings are printed, never asserted."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def run(repo_root, *args, interpret=False):
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, *args], cwd=repo_root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+def rows(text, first_words):
+    return [line.split() for line in text.splitlines() if line.split() and line.split()[0] in first_words]
+
+
+def test_layer_benchmark_runs_on_cpu(repo_root):
+    out = run(repo_root, "benchmarks/attention.py", "--preset", "tiny", "--lengths", "64", "--repeats", "1",
+              "--kinds", "csa", "hca", "dense")
+    table = rows(out, {"csa", "hca", "dense"})
+    assert [r[0] for r in table] == ["csa", "hca", "dense"]
+    assert all(float(r[3]) > 0 for r in table)  # ms
+    assert table[-1][-1] == "1.00x"  # dense against itself
+
+
+def test_core_benchmark_runs_under_the_interpreter(repo_root):
+    out = run(repo_root, "benchmarks/attention_core.py", "--preset", "tiny", "--lengths", "40", "--repeats", "1",
+              "--modes", "csa", "hca", "--dkv", "deterministic", "--tune", "dk:BLOCK_N=16",
+              interpret=not torch.cuda.is_available())
+    assert "overrides {'dk': {'BLOCK_N': 16}}" in out
+    table = rows(out, {"csa", "hca"})
+    assert [(r[0], r[1], r[2]) for r in table] == [("csa", "deterministic", "40"), ("hca", "deterministic", "40")]
+    assert all(re.fullmatch(r"\d+\.\d\d", r[3]) and float(r[3]) > 0 for r in table)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_core_benchmark_refuses_cpu_without_interpreter(repo_root):
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "benchmarks/attention_core.py"], cwd=repo_root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
