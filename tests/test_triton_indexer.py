@@ -6,7 +6,7 @@ import torch
 
 import dsv4.ops.v4_attention.triton as triton_kernels
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
-from dsv4.ops.indexer.triton import index_scores
+from dsv4.ops.indexer.triton import index_scores, pick_scores, teacher_sparse
 from dsv4.ops.ranges import causal_ranges
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
@@ -70,6 +70,40 @@ def test_kl_loss_and_grads_match_naive(sparse, dtype, seq_len):
     for name, a, b in zip(("d index_q", "d index_k", "d weights"), grads, g_ref):
         assert not torch.isnan(a).any(), name
         assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pick_kernels_match_a_gather(dtype):
+    """Sparse phase: student scores of each query's picks (with -1 holes and an entry picked by many queries)
+    and their gradients, and the teacher, against torch gathers; d index_k is bitwise repeatable."""
+    seq_len, n_entries, k = 21, 6, 4
+    index_q, index_k, weights = inputs(seq_len, n_entries, dtype=dtype, seed=11, n_heads=17, width=24)
+    gen = torch.Generator().manual_seed(2)
+    picks = torch.stack([torch.randperm(n_entries, generator=gen)[:k] for _ in range(2 * seq_len)]).view(2, seq_len, k)
+    picks[torch.rand(picks.shape, generator=gen) < 0.3] = -1
+    picks = picks.to(DEVICE)
+    valid, safe = picks >= 0, picks.clamp(min=0)
+    batch_ix = torch.arange(2, device=DEVICE)[:, None, None]
+    grad = torch.randn(2, seq_len, k, generator=gen).to(DEVICE)
+    dots = torch.einsum("bthc,btkc->bthk", index_q.float(), index_k[batch_ix, safe].float()).relu()
+    ref = torch.einsum("bth,bthk->btk", weights.float(), dots)
+    ref_grads = torch.autograd.grad((ref * grad * valid).sum(), (index_q, index_k, weights))
+    got = pick_scores(index_q, index_k, weights, picks)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.equal(torch.isinf(got), ~valid)
+    assert torch.allclose(got[valid], ref[valid], atol=tol, rtol=tol)
+    runs = [torch.autograd.grad((torch.where(valid, got, 0.0) * grad).sum(), (index_q, index_k, weights),
+                                retain_graph=True) for _ in range(2)]
+    for name, a, b in zip(("d index_q", "d index_k", "d weights"), runs[0], ref_grads):
+        assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), name
+    assert torch.equal(runs[0][1], runs[1][1])
+
+    q = torch.randn(2, seq_len, 3, 16, generator=gen).to(DEVICE, dtype)
+    cmp = torch.randn(2, n_entries, 16, generator=gen).to(DEVICE, dtype)
+    lse = (torch.logsumexp(torch.randn(2, seq_len, 3, 9, generator=gen), -1) + 1.0).to(DEVICE)
+    z = torch.einsum("bthd,btkd->bthk", q.float(), cmp[batch_ix, safe].float()) * 0.25
+    target = (torch.exp(z - lse[..., None]) * valid[:, :, None]).mean(2)
+    assert torch.allclose(teacher_sparse(q, cmp, lse, picks, 0.25), target, atol=tol, rtol=tol)
 
 
 def test_index_scores_under_torch_compile():

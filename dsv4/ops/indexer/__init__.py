@@ -17,9 +17,8 @@ Loss (teacher = the conditional of the joint softmax, detached): for each query 
     L = mean_t  mass_t * KL(p_t || softmax_{s in C_t} I[t, s])
 over queries with at least one candidate. Only index_q / index_k / weights receive gradients.
 
-Backends: "naive" (full [B, S, N] oracle), "torch" (query chunks), "triton" (query chunks whose scores and
-dense teacher come from the kernels in triton.py; sparse candidates use the chunked torch gather), "auto"
-(triton for CUDA tensors).
+Backends: "naive" (full [B, S, N] oracle), "torch" (query chunks), "triton" (query chunks whose scores,
+teachers and sparse-phase student come from the kernels in triton.py), "auto" (triton for CUDA tensors).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Top-k runs chunk by chunk without autograd. The KL loss recomputes each chunk's student scores
 in backward (activation checkpointing), so its memory is bounded by one chunk as well. With
-use_triton, the per-chunk scores and the dense teacher come from the kernels in triton.py.
+use_triton, the per-chunk scores, the teachers and the sparse phase's student come from the kernels in triton.py.
 """
 
 from __future__ import annotations
@@ -82,6 +82,11 @@ def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, r: AttentionRanges,
         dots = torch.einsum("bthc,bnc->bthn", index_q.float(), index_k.float())
     else:
         candidates = picks >= 0  # [B, T, k]
+        if use_triton:  # picks gathered inside the kernels; d index_k summed per entry in a fixed order
+            from dsv4.ops.indexer.triton import pick_scores, teacher_sparse
+
+            target = teacher_sparse(q, cmp, lse, picks, softmax_scale)
+            return _kl_terms(target, pick_scores(index_q, index_k, weights, picks), candidates)
         batch_ix = torch.arange(batch, device=device)[:, None, None]
         safe = picks.clamp(min=0)
         with torch.no_grad():

@@ -7,6 +7,10 @@
   d index_k (one program per entry block, deterministic).
 - `teacher_dense`: the KL teacher over every visible entry, mean_h exp(q_h . c_s * scale - lse_h),
   again reduced over heads in the kernel.
+- Sparse phase (the KL over each query's own top-k picks): `pick_scores` (the student: index scores of
+  the picked entries, gathered in the kernel; backward gives d index_q and d weights per query, and
+  d index_k deterministically: per-pick gradients, then each entry sums its picks in query order through
+  the inverse index) and `teacher_sparse` (mean_h exp(q_h . c_pick * scale - lse_h)).
 Top-k then runs on the chunk's scores (dsv4.ops.indexer.naive.topk_recent_first: fixed tie rule).
 """
 
@@ -14,7 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.v4_attention.triton import DOT_PRECISION, INTERPRET, _load_rows, _new
+from dsv4.ops.v4_attention.triton import (
+    DOT_PRECISION,
+    INTERPRET,
+    _load_rows,
+    _new,
+    _picked_block,
+    _segment_sum_kernel,
+    inverse_index,
+)
 
 
 @triton.jit
@@ -133,6 +145,125 @@ def _teacher_dense_kernel(
     tl.store(p_out, acc, mask=m_t[:, None] & m_n[None, :])
 
 
+@triton.jit
+def _pick_scores_kernel(
+    IQ, IK, W, IDX, OUT, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    stride_ib, stride_it, T, NH, K,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """OUT[b, t, j] = sum_h w[t, h] * relu(q_h[t] . k[IDX[t, j]]) (-inf where IDX = -1). Program: one query."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    row_q = IQ + i_b * stride_qb + i_t.to(tl.int64) * stride_qt
+    row_w = W + i_b * stride_wb + i_t.to(tl.int64) * stride_wt
+    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    for start in range(0, K, BLOCK_N):
+        o_n, m_n, b_k = _picked_block(p_idx, start, K, IK + i_b * stride_kb, stride_kn, o_c, m_c, UPCAST, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for h0 in range(0, NH, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H)
+            m_h = o_h < NH
+            b_q = _load_rows(row_q, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
+            b_w = tl.load(row_w + o_h, mask=m_h, other=0.0).to(tl.float32)
+            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BH, BN]
+            acc += tl.sum(b_w[:, None] * tl.maximum(b_z, 0.0), axis=0)
+        o_j = start + tl.arange(0, BLOCK_N)
+        tl.store(OUT + (i_b * T + i_t) * K + o_j, tl.where(m_n, acc, float("-inf")), mask=o_j < K)
+
+
+@triton.jit
+def _pick_scores_bwd_q_kernel(
+    IQ, IK, W, IDX, DOUT, DQ, DW, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    stride_ib, stride_it, T, NH, K,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """d index_q[t, h] = sum_j g[t, j] w[t, h] [z > 0] k_j;  d w[t, h] = sum_j g[t, j] relu(z[t, h, j])."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    row = i_b * stride_qb + i_t.to(tl.int64) * stride_qt
+    row_w = i_b * stride_wb + i_t.to(tl.int64) * stride_wt
+    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    p_g = DOUT + (i_b * T + i_t) * K
+    for h0 in range(0, NH, BLOCK_H):
+        o_h = h0 + tl.arange(0, BLOCK_H)
+        m_h = o_h < NH
+        b_q = _load_rows(IQ + row, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
+        b_w = tl.load(W + row_w + o_h, mask=m_h, other=0.0).to(tl.float32)
+        dq = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
+        dw = tl.zeros([BLOCK_H], tl.float32)
+        for start in range(0, K, BLOCK_N):
+            o_n, m_n, b_k = _picked_block(p_idx, start, K, IK + i_b * stride_kb, stride_kn, o_c, m_c, UPCAST,
+                                          BLOCK_N)
+            b_g = tl.load(p_g + start + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
+            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            dw += tl.sum(b_g[None, :] * tl.maximum(b_z, 0.0), axis=1)
+            b_gz = tl.where(b_z > 0, b_g[None, :] * b_w[:, None], 0.0)
+            dq += tl.dot(b_gz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+        p_dq = DQ + row + o_h[:, None] * stride_qh + o_c[None, :]
+        tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_h[:, None] & m_c[None, :])
+        tl.store(DW + row_w + o_h, dw, mask=m_h)
+
+
+@triton.jit
+def _pick_scores_bwd_k_kernel(
+    IQ, IK, W, IDX, DOUT, GK, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
+    stride_ib, stride_it, T, NH, K,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """GK[b, t, j, :] = the gradient pick j of query t sends to its entry: sum_h g w_h [z > 0] q_h (fp32)."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_c = tl.arange(0, BLOCK_C)
+    m_c = o_c < C
+    row_q = IQ + i_b * stride_qb + i_t.to(tl.int64) * stride_qt
+    row_w = W + i_b * stride_wb + i_t.to(tl.int64) * stride_wt
+    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    p_g = DOUT + (i_b * T + i_t) * K
+    for start in range(0, K, BLOCK_N):
+        o_n, m_n, b_k = _picked_block(p_idx, start, K, IK + i_b * stride_kb, stride_kn, o_c, m_c, UPCAST, BLOCK_N)
+        b_g = tl.load(p_g + start + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for h0 in range(0, NH, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H)
+            m_h = o_h < NH
+            b_q = _load_rows(row_q, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
+            b_w = tl.load(row_w + o_h, mask=m_h, other=0.0).to(tl.float32)
+            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            b_gz = tl.where(b_z > 0, b_g[None, :] * b_w[:, None], 0.0)
+            dk += tl.dot(tl.trans(b_gz.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION)
+        o_j = start + tl.arange(0, BLOCK_N)
+        p_gk = GK + ((i_b * T + i_t) * K + o_j.to(tl.int64))[:, None] * C + o_c[None, :]
+        tl.store(p_gk, dk, mask=(o_j < K)[:, None] & m_c[None, :])
+
+
+@triton.jit
+def _teacher_sparse_kernel(
+    Q, CKV, LSE, IDX, OUT, stride_qb, stride_qt, stride_qh, stride_cb, stride_cn, stride_lb, stride_lt,
+    stride_ib, stride_it, T, H, K, scale,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """OUT[b, t, j] = mean_h exp(q_h[t] . c[IDX[t, j]] * scale - lse[t, h]) (0 where IDX = -1)."""
+    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_d = tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    row_q = Q + i_b * stride_qb + i_t.to(tl.int64) * stride_qt
+    row_l = LSE + i_b * stride_lb + i_t.to(tl.int64) * stride_lt
+    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    for start in range(0, K, BLOCK_N):
+        o_n, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cn, o_d, m_d, UPCAST, BLOCK_N)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            o_h = h0 + tl.arange(0, BLOCK_H)
+            m_h = o_h < H
+            b_q = _load_rows(row_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+            b_lse = tl.load(row_l + o_h, mask=m_h, other=0.0)
+            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
+            acc += tl.sum(tl.where(m_h[:, None], tl.exp(b_z - b_lse[:, None]), 0.0), axis=0)
+        o_j = start + tl.arange(0, BLOCK_N)
+        tl.store(OUT + (i_b * T + i_t) * K + o_j, tl.where(m_n, acc / H, 0.0), mask=o_j < K)
+
+
 def _cfg(x: torch.Tensor, width: int) -> dict:
     return dict(BLOCK_T=16, BLOCK_N=32, UPCAST=INTERPRET or x.dtype == torch.float32,
                 BLOCK_C=max(16, triton.next_power_of_2(width)), C=width)  # tl.dot: dims >= 16 on GPUs
@@ -234,3 +365,102 @@ def teacher_dense(q, ckv, lse, ranges, entry0: int, scale: float) -> torch.Tenso
     return teacher_dense_op(q.detach().contiguous(), ckv.detach().contiguous(), lse.detach().float().contiguous(),
                             ranges.cmp_lo.int().contiguous(), ranges.cmp_hi.int().contiguous(), int(entry0),
                             float(scale))
+
+
+# ------------------------------------------------------------------------------ sparse phase (top-k picks)
+
+def _pick_cfg(x: torch.Tensor, width: int) -> dict:
+    block = max(16, triton.next_power_of_2(width))
+    return dict(C=width, BLOCK_C=block, BLOCK_H=16, BLOCK_N=16 if block >= 256 else 32,
+                UPCAST=INTERPRET or x.dtype == torch.float32)
+
+
+def _pick_args(index_q, index_k, weights, picks):
+    return (index_q.stride(0), index_q.stride(1), index_q.stride(2), index_k.stride(0), index_k.stride(1),
+            weights.stride(0), weights.stride(1), picks.stride(0), picks.stride(1), index_q.shape[1],
+            index_q.shape[2], picks.shape[-1])
+
+
+@torch.library.custom_op("dsv4::pick_scores", mutates_args=())
+def pick_scores_op(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor, picks: torch.Tensor
+                   ) -> torch.Tensor:
+    batch, n_q, _, width = index_q.shape
+    out = _new((batch, n_q, picks.shape[-1]), index_q, torch.float32)
+    _pick_scores_kernel[(n_q, batch)](index_q, index_k, weights, picks, out,
+                                      *_pick_args(index_q, index_k, weights, picks), **_pick_cfg(index_q, width))
+    return out
+
+
+@pick_scores_op.register_fake
+def _pick_scores_fake(index_q, index_k, weights, picks):
+    return index_q.new_empty((index_q.shape[0], index_q.shape[1], picks.shape[-1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv4::pick_scores_bwd", mutates_args=())
+def pick_scores_bwd_op(grad: torch.Tensor, index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor,
+                       picks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, n_q, _, width = index_q.shape
+    n_entries, k = index_k.shape[1], picks.shape[-1]
+    grad = grad.contiguous()
+    cfg, args = _pick_cfg(index_q, width), _pick_args(index_q, index_k, weights, picks)
+    dq = _new(index_q.shape, index_q)
+    dw = _new(weights.shape, weights, torch.float32)
+    _pick_scores_bwd_q_kernel[(n_q, batch)](index_q, index_k, weights, picks, grad, dq, dw, *args, **cfg)
+    per_pick = _new((batch, n_q, k, width), index_q, torch.float32)
+    _pick_scores_bwd_k_kernel[(n_q, batch)](index_q, index_k, weights, picks, grad, per_pick, *args, **cfg)
+    dk = _new((batch, n_entries, width), index_k, torch.float32)
+    if n_entries:
+        offsets, slots = inverse_index(picks, n_entries)  # each entry sums its picks in query order
+        _segment_sum_kernel[(n_entries, batch)](per_pick, offsets, slots, dk, n_entries, n_q * k, 0, D=width,
+                                                BLOCK_D=cfg["BLOCK_C"], BLOCK_R=16)
+    return dq, dk.to(index_k.dtype), dw.to(weights.dtype)
+
+
+@pick_scores_bwd_op.register_fake
+def _pick_scores_bwd_fake(grad, index_q, index_k, weights, picks):
+    return torch.empty_like(index_q), torch.empty_like(index_k), torch.empty_like(weights)
+
+
+def _pick_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _pick_backward(ctx, grad):
+    index_q, index_k, weights, picks = ctx.saved_tensors
+    dq, dk, dw = pick_scores_bwd_op(grad, index_q, index_k, weights, picks)
+    return dq, dk, dw, None
+
+
+pick_scores_op.register_autograd(_pick_backward, setup_context=_pick_setup)
+
+
+def pick_scores(index_q, index_k, weights, picks) -> torch.Tensor:
+    """Student scores of each query's picks: index_q [B, T, n_I, c_I], index_k [B, N, c_I], weights [B, T, n_I],
+    picks [B, T, k] (-1 = none) -> [B, T, k] fp32, -inf at -1 picks. Differentiable in index_q/index_k/weights."""
+    return pick_scores_op(index_q.contiguous(), index_k.contiguous(), weights.float().contiguous(),
+                          picks.to(torch.int32).contiguous())
+
+
+@torch.library.custom_op("dsv4::teacher_sparse", mutates_args=())
+def teacher_sparse_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, picks: torch.Tensor, scale: float
+                      ) -> torch.Tensor:
+    batch, n_q, _, dim = q.shape
+    out = _new((batch, n_q, picks.shape[-1]), q, torch.float32)
+    block = max(16, triton.next_power_of_2(dim))
+    _teacher_sparse_kernel[(n_q, batch)](
+        q, ckv, lse, picks, out, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),
+        lse.stride(0), lse.stride(1), picks.stride(0), picks.stride(1), n_q, q.shape[2], picks.shape[-1], scale,
+        D=dim, BLOCK_D=block, BLOCK_H=16, BLOCK_N=16 if block >= 256 else 32,
+        UPCAST=INTERPRET or q.dtype == torch.float32)
+    return out
+
+
+@teacher_sparse_op.register_fake
+def _teacher_sparse_fake(q, ckv, lse, picks, scale):
+    return q.new_empty((q.shape[0], q.shape[1], picks.shape[-1]), dtype=torch.float32)
+
+
+def teacher_sparse(q, ckv, lse, picks, scale: float) -> torch.Tensor:
+    """mean_h exp(q_h . c_pick * scale - lse_h) per pick: [B, T, k] fp32, 0 at -1 picks, no grad."""
+    return teacher_sparse_op(q.detach().contiguous(), ckv.detach().contiguous(), lse.detach().float().contiguous(),
+                             picks.to(torch.int32).contiguous(), float(scale))
