@@ -1,16 +1,30 @@
 #!/usr/bin/env bash
-# One prepared GPU session: the Triton kernels' correctness on CUDA (the same tests CI runs under the
-# interpreter, now on the GPU), then the benchmark table. Writes both to $OUT (default benchmarks/gpu_out).
-#   bash benchmarks/gpu_check.sh            # then copy the table into benchmarks/RESULTS.md with the date,
-#                                           # the GPU and `git rev-parse --short HEAD`
+# One prepared GPU session (fits one 10-minute device call): the Triton kernels' correctness on CUDA (the
+# tests CI runs under the interpreter), the attention core against its roofline (both dK=V paths, plus one
+# launch-config candidate), then the layer table against dense attention. Each stage has its own time limit,
+# and every output lands in $OUT (default benchmarks/gpu_out) as it is produced.
+#   bash benchmarks/gpu_check.sh     # then copy the tables into benchmarks/RESULTS.md with the date, the GPU
+#                                    # and the commit (commit.txt)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/gpu_out}
 mkdir -p "$out"
 unset TRITON_INTERPRET
+export TRITON_DEFAULT_FP_FUSION=1
 git rev-parse --short HEAD > "$out/commit.txt" 2>/dev/null || true
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || true
-timeout 240 python -m pytest -q -x tests/test_triton_attention.py tests/test_triton_indexer.py \
-  tests/test_attention.py 2>&1 | tail -30 | tee "$out/tests.txt"
-timeout 300 python benchmarks/attention.py --lengths 4096 16384 65536 131072 --repeats 3 2>&1 \
-  | tee "$out/bench.txt"
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit}s)" | tee -a "$out/stages.txt"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "   rc=$? in $((SECONDS - start))s" | tee -a "$out/stages.txt"
+  tail -25 "$out/$name.txt"
+}
+stage tests 150 python -m pytest -q -x tests/test_triton_attention.py tests/test_triton_indexer.py \
+  tests/test_attention.py
+stage core 150 python benchmarks/attention_core.py --lengths 16384 65536 131072 --repeats 3
+stage core_tuned 45 python benchmarks/attention_core.py --lengths 65536 --modes csa --dkv deterministic \
+  --repeats 3 --tune fwd:BLOCK_H=64,num_warps=8
+stage layer 200 python benchmarks/attention.py --lengths 4096 16384 65536 131072 --repeats 3
