@@ -151,6 +151,10 @@ def launch_everything(sizes: dict, dtype: torch.dtype) -> None:
     indexer_kernels._scores_launch(index_q, index_k, weights, ranges[2], ranges[3], 0)
     indexer_kernels.index_scores_bwd_op(torch.randn(b, s, n), index_q, index_k, weights)
     indexer_kernels.teacher_dense_op(q, ckv, lse, ranges[2], ranges[3], 0, 0.1)
+    index_picks = idx.clamp(max=n - 1)
+    indexer_kernels.pick_scores_op(index_q, index_k, weights, index_picks)
+    indexer_kernels.pick_scores_bwd_op(torch.randn(b, s, k), index_q, index_k, weights, index_picks)
+    indexer_kernels.teacher_sparse_op(q, ckv, lse, index_picks, 0.1)
 
 
 def build_all(arch: int, size_names: list[str], dtypes: list[torch.dtype]) -> list[Built]:
