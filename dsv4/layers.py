@@ -59,8 +59,10 @@ class GroupedLinear(nn.Module):
         self.groups, self.out_per_group = groups, out_per_group
         self.weight = nn.Parameter(torch.empty(groups * out_per_group, in_per_group))
         # nn.Linear's default (fan_in = in_per_group), so a layer built on its own holds no uninitialised
-        # memory; DSV4Model.reset_parameters re-initialises every weight with the model's std
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # memory. DSV4Model.reset_parameters re-initialises every weight with the model's std; the global RNG
+        # is restored afterwards so a model's initialisation for a given seed does not depend on this draw.
+        with torch.random.fork_rng(devices=[]):
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.view(self.groups, self.out_per_group, -1)
