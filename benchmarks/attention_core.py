@@ -100,17 +100,6 @@ def measure(inputs: dict, grad_out: torch.Tensor, deterministic: bool, repeats: 
     return fwd_s, step_s, op_gib
 
 
-def parse_tune(items: list[str]) -> dict[str, dict]:
-    """["fwd:BLOCK_H=64,num_warps=8", ...] -> {"fwd": {"BLOCK_H": 64, "num_warps": 8}}."""
-    out: dict[str, dict] = {}
-    for item in items:
-        group, _, settings = item.partition(":")
-        if group not in ("fwd", "dq", "dk") or not settings:
-            raise SystemExit(f"--tune {item!r}: expected fwd|dq|dk:KEY=VALUE[,KEY=VALUE]")
-        out[group] = {key: int(value) for key, value in (kv.split("=") for kv in settings.split(","))}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -127,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     if not cuda and not kernels.INTERPRET:
         raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (tiny sizes) to exercise the script on CPU")
-    kernels.LAUNCH_OVERRIDES.update(parse_tune(args.tune))
+    kernels.LAUNCH_OVERRIDES.update(kernels.parse_launch_overrides(args.tune))
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -8,6 +8,7 @@ ptxas (both ship with the triton wheel) instead of launching it. Nothing runs; o
 
     python -m dsv4.ops.compile_check                       # tiny + flash sizes, sm_90 (H100/H200)
     python -m dsv4.ops.compile_check --sizes flash --arch 80
+    python -m dsv4.ops.compile_check --sizes flash --dtypes bf16 --tune fwd:BLOCK_H=64,num_warps=8
 
 Per kernel variant it prints registers per thread, spilled bytes (local memory), shared memory and
 compile time, and exits 1 when a kernel fails to compile or needs more shared memory than the target
@@ -174,12 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "flash"])
     parser.add_argument("--dtypes", nargs="+", choices=["bf16", "fp16", "fp32"], default=["bf16", "fp32"])
+    parser.add_argument("--tune", nargs="*", default=[],
+                        help="attention launch overrides to try, e.g. fwd:BLOCK_H=64,num_warps=8 (groups fwd, dq, dk)")
     args = parser.parse_args(argv)
+    from dsv4.ops.v4_attention import triton as attention_kernels
+
+    attention_kernels.LAUNCH_OVERRIDES.update(attention_kernels.parse_launch_overrides(args.tune))
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[x] for x in args.dtypes]
     built = build_all(args.arch, args.sizes, dtypes)
     limit = SHARED_LIMIT.get(args.arch, 99 * 1024)
     print(f"# Triton kernels compiled for sm_{args.arch} (shared memory limit {limit // 1024} KiB), "
-          f"triton {triton.__version__}")
+          f"triton {triton.__version__}, attention overrides {attention_kernels.LAUNCH_OVERRIDES or 'none'}")
     print(f"{'kernel':<32} {'variant':<44} {'regs':>5} {'spill B':>8} {'shared KiB':>10} {'s':>5}")
     over = []
     for b in built:

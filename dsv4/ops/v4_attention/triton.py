@@ -320,6 +320,17 @@ def _segment_sum_kernel(
 LAUNCH_OVERRIDES: dict[str, dict] = {}
 
 
+def parse_launch_overrides(items: list[str]) -> dict[str, dict]:
+    """["fwd:BLOCK_H=64,num_warps=8", ...] -> {"fwd": {"BLOCK_H": 64, "num_warps": 8}} (for LAUNCH_OVERRIDES)."""
+    out: dict[str, dict] = {}
+    for item in items:
+        group, _, settings = item.partition(":")
+        if group not in ("fwd", "dq", "dk") or not settings:
+            raise ValueError(f"launch override {item!r}: expected fwd|dq|dk:KEY=VALUE[,KEY=VALUE]")
+        out[group] = {key: int(value) for key, value in (kv.split("=") for kv in settings.split(","))}
+    return out
+
+
 def _config(q: torch.Tensor, dim: int, group: str = "fwd") -> dict:
     """Pinned launch configuration (identical on every rank: no autotuning)."""
     block_d = max(16, triton.next_power_of_2(dim))  # tl.dot needs every dimension >= 16 on GPUs
