@@ -117,3 +117,18 @@ def test_index_scores_under_torch_compile():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(index_q, index_k, weights)
     assert torch.allclose(eager, compiled, atol=1e-5)
     assert all(g is not None for g in torch.autograd.grad(compiled, (index_q, index_k, weights)))
+
+
+def test_pick_kernels_under_torch_compile():
+    index_q, index_k, weights = inputs(9, 3, seed=8)
+    picks = torch.tensor([[0, 2], [1, -1], [2, 0]], device=DEVICE).repeat(2, 3, 1)
+
+    def f(q, k, w):
+        s = pick_scores(q, k, w, picks)
+        return torch.where(torch.isfinite(s), s, 0.0).sum()
+
+    eager = f(index_q, index_k, weights)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(index_q, index_k, weights)
+    assert torch.allclose(eager, compiled, atol=1e-5)
+    grads = torch.autograd.grad(compiled, (index_q, index_k, weights))
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
