@@ -41,7 +41,8 @@ STATE_VERSION = 1
 FINGERPRINT_KEYS = {"seq_len": "train.seq_len", "micro_batch": "train.micro_batch_size", "seed": "data.seed",
                     "dp_world": "the number of data-parallel ranks", "lanes": "data.num_workers",
                     "sources": "data.sources", "tokenizer": "data.tokenizer", "val_fraction": "data.val_fraction",
-                    "on_bad_row": "data.on_bad_row", "shuffle_buffer": "data.shuffle_buffer"}
+                    "on_bad_row": "data.on_bad_row", "shuffle_buffer": "data.shuffle_buffer",
+                    "shuffle_files": "data.shuffle_files"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class DataPlan:
     shuffle_buffer: int  # packed sequences a lane draws from at random (0: stream order)
     cross_document_attention: bool
     seed: int | None
+    shuffle_files: bool = True  # train: each source's files in a new seeded order every epoch
 
     def describe(self) -> str:
         if len(self.sources) == 1:
@@ -77,7 +79,8 @@ def prepare_data(data: Any) -> DataPlan:
                     on_bad_row=data.on_bad_row, num_workers=int(data.num_workers),
                     prefetch_factor=int(data.prefetch_factor), worker_start=str(data.worker_start),
                     shuffle_buffer=int(data.shuffle_buffer),
-                    cross_document_attention=bool(data.cross_document_attention), seed=data.seed)
+                    cross_document_attention=bool(data.cross_document_attention), seed=data.seed,
+                    shuffle_files=bool(getattr(data, "shuffle_files", True)))
 
 
 class LanePipeline:
@@ -90,7 +93,8 @@ class LanePipeline:
         state = state or {}
         self.streams = [
             DocumentStream(spec, split, lane, num_lanes, seed=seed, val_fraction=plan.val_fraction,
-                           on_bad_row=plan.on_bad_row, state=(state.get("sources") or [None] * len(plan.sources))[i])
+                           on_bad_row=plan.on_bad_row, shuffle_files=plan.shuffle_files,
+                           state=(state.get("sources") or [None] * len(plan.sources))[i])
             for i, spec in enumerate(plan.sources)]
         self.mixture = Mixture([s.weight for s in plan.sources], [seed, lane, num_lanes, split == "val"],
                                state.get("mixture"))
@@ -240,6 +244,7 @@ class StreamingData:
         return {"seq_len": self.seq_len, "micro_batch": self.micro_batch, "seed": self.seed,
                 "dp_world": self.dp_world, "lanes": self.lanes, "val_fraction": self.plan.val_fraction,
                 "on_bad_row": self.plan.on_bad_row, "shuffle_buffer": self.plan.shuffle_buffer,
+                "shuffle_files": self.plan.shuffle_files,
                 "tokenizer": self.plan.tokenizer.label,
                 "sources": [[s.name, s.kind, s.format, list(s.files), s.hub, s.hub_config, s.split, s.text_field,
                              s.weight] for s in self.plan.sources]}
@@ -259,7 +264,8 @@ class StreamingData:
         if state.get("dp_rank") != self.dp_rank:
             raise DataError(f"{where}: written by data-parallel rank {state.get('dp_rank')}, read by {self.dp_rank}")
         mine = self._fingerprint()
-        for key, value in state["fingerprint"].items():
+        saved = {"shuffle_files": False, **state["fingerprint"]}  # states from before the key read files in order
+        for key, value in saved.items():
             if mine.get(key) != value:
                 raise DataError(f"{where}: {FINGERPRINT_KEYS.get(key, key)} changed since the checkpoint "
                                 f"({value!r} -> {mine.get(key)!r}); the data stream cannot resume exactly. Restore "

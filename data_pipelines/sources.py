@@ -5,6 +5,11 @@ Every source is read with `datasets` in streaming mode and split across data-par
 yields one lane's documents as text, loops over epochs for training, skips bad rows (counted) and resumes
 exactly from `IterableDataset.state_dict()` -- never by skipping N samples.
 
+Training order: the bundled corpus is reshuffled by document every epoch; file sources (data.shuffle_files,
+default on) read their files (shards) in a new order every epoch, seeded by (seed, epoch) so every rank and lane
+agrees and a resume reproduces it; rows within a file stay in file order (the lanes' sequence pools mix them).
+Hub datasets are read in the order the Hub serves them.
+
 Held-out validation documents:
   bundled      every Nth document (N = 1 / data.val_fraction), as the corpus is read whole anyway;
   files        `val_path` files if given, else documents whose text hash falls in data.val_fraction;
@@ -180,8 +185,18 @@ def _bundled_split(path: str, val_fraction: float) -> tuple[tuple[str, ...], tup
     return tuple(train), tuple(val)
 
 
-def open_dataset(spec: SourceSpec, split: str, *, epoch: int = 0, seed: int = 0, val_fraction: float = 0.02) -> Any:
-    """The source as a `datasets.IterableDataset` of rows (not yet split by lane)."""
+def epoch_file_order(num_files: int, seed: int, epoch: int) -> list[int]:
+    """The order a source's files are read in this training epoch: seeded by (seed, epoch), so it is the same on
+    every rank and lane (they split the reordered shards between them) and after a resume (the epoch is saved)."""
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch, 7]).permutation(num_files).tolist()
+
+
+def open_dataset(spec: SourceSpec, split: str, *, epoch: int = 0, seed: int = 0, val_fraction: float = 0.02,
+                 shuffle_files: bool = False) -> Any:
+    """The source as a `datasets.IterableDataset` of rows (not yet split by lane). shuffle_files: training reads
+    the files (shards) in epoch_file_order; rows within a file keep their order."""
     import datasets
 
     if spec.kind == "bundled":
@@ -197,6 +212,8 @@ def open_dataset(spec: SourceSpec, split: str, *, epoch: int = 0, seed: int = 0,
         if spec.kind == "hub":
             return datasets.load_dataset(spec.hub, spec.hub_config, split=spec.split, streaming=True)
         files = list(spec.val_files if split == "val" and spec.val_files else spec.files)
+        if split == "train" and shuffle_files and len(files) > 1:
+            files = [files[i] for i in epoch_file_order(len(files), seed, epoch)]
         if spec.format == "parquet":
             return datasets.load_dataset("parquet", data_files={"train": files}, split="train", streaming=True,
                                          columns=[spec.text_field])
@@ -224,8 +241,9 @@ class DocumentStream:
     counts of skipped rows by kind."""
 
     def __init__(self, spec: SourceSpec, split: str, lane: int, num_lanes: int, *, seed: int, val_fraction: float,
-                 on_bad_row: str, state: dict[str, Any] | None = None) -> None:
+                 on_bad_row: str, shuffle_files: bool = False, state: dict[str, Any] | None = None) -> None:
         self.spec, self.split, self.lane, self.num_lanes = spec, split, lane, num_lanes
+        self.shuffle_files = shuffle_files
         self.seed, self.val_fraction, self.on_bad_row = seed, val_fraction, on_bad_row
         state = state or {}
         self.epoch: int = state.get("epoch", 0)
@@ -241,7 +259,8 @@ class DocumentStream:
     def _open(self) -> None:
         from datasets.distributed import split_dataset_by_node
 
-        ds = open_dataset(self.spec, self.split, epoch=self.epoch, seed=self.seed, val_fraction=self.val_fraction)
+        ds = open_dataset(self.spec, self.split, epoch=self.epoch, seed=self.seed, val_fraction=self.val_fraction,
+                          shuffle_files=self.shuffle_files)
         ds = split_dataset_by_node(ds, rank=self.lane, world_size=self.num_lanes)
         if self._resume_hf is not None:
             ds.load_state_dict(self._resume_hf)

@@ -106,7 +106,8 @@ def test_packer_doc_ids_positions_and_carry():
 def test_packing_loses_and_duplicates_no_token_over_an_epoch(corpus):
     """Every document of the epoch (minus the hash-held-out ones), in order, with EOS, exactly once; doc_ids and
     positions restart exactly where a document starts."""
-    plan = plan_of(files(corpus["dir"] / "a*.jsonl"), val_fraction=0.1, num_workers=0, shuffle_buffer=0)
+    plan = plan_of(files(corpus["dir"] / "a*.jsonl"), val_fraction=0.1, num_workers=0, shuffle_buffer=0,
+                   shuffle_files=False)
     tok = load_tokenizer(plan.tokenizer)
     train_docs = [d for d in corpus["jsonl"] if not is_held_out(d, 0.1)]
     assert 0 < len(train_docs) < len(corpus["jsonl"])
@@ -157,6 +158,69 @@ def test_dp_ranks_split_an_epoch_disjointly_and_completely(corpus, pattern, key)
     assert seen[0] and seen[1]
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(expected)
+
+
+def test_files_are_read_in_a_new_seeded_order_every_epoch(corpus):
+    """data.shuffle_files (the default): every epoch reads the 4 shards whole, in a new order seeded by (seed,
+    epoch); 2 DP ranks split each epoch's shards disjointly and completely; a stream resumed in the middle of
+    an epoch continues exactly."""
+    from data_pipelines.sources import epoch_file_order
+
+    spec = plan_of(files(corpus["dir"] / "a*.jsonl"), val_fraction=0.01).sources[0]
+    expected = sorted(d for d in corpus["jsonl"] if not is_held_out(d, 0.01))
+
+    def stream(rank, world, state=None):
+        return DocumentStream(spec, "train", rank, world, seed=3, val_fraction=0.01, on_bad_row="skip",
+                              shuffle_files=True, state=state)
+
+    by_epoch: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    one = stream(0, 1)
+    while one.epoch < 3:
+        doc = one.next_document()
+        if one.epoch < 3:
+            by_epoch[one.epoch].append(doc)
+    orders = []
+    for epoch, docs in by_epoch.items():
+        assert sorted(docs) == expected, f"epoch {epoch}: not every document exactly once"
+        shard_of = [int(d.split()[0].split("-")[1]) // 30 for d in docs]  # the fixture: 30 documents per file
+        runs = [s for i, s in enumerate(shard_of) if i == 0 or s != shard_of[i - 1]]
+        assert runs == epoch_file_order(4, 3, epoch), f"epoch {epoch}: files read as {runs}"
+        orders.append(tuple(runs))
+    assert len(set(orders)) > 1 and orders[0] != (0, 1, 2, 3)
+
+    for epoch in range(2):  # 2 ranks: each epoch's (reordered) shards split without overlap or loss
+        shares = []
+        for rank in range(2):
+            s = stream(rank, 2, state={"epoch": epoch})
+            mine = []
+            while s.epoch == epoch:
+                mine.append(s.next_document())
+            shares.append(mine[:-1])
+        assert not set(shares[0]) & set(shares[1])
+        assert sorted(shares[0] + shares[1]) == expected
+
+    ref = stream(0, 1)
+    for _ in range(len(expected) + 40):  # into epoch 1
+        ref.next_document()
+    resumed = stream(0, 1, state=roundtrip(ref.state_dict()))
+    assert [resumed.next_document() for _ in range(50)] == [ref.next_document() for _ in range(50)]
+
+
+def test_states_from_before_file_shuffling_name_the_key(corpus):
+    """A data state written before data.shuffle_files existed read its files in order: resuming it with
+    shuffling on would not be exact, so it stops and names the key."""
+    plan = plan_of(files(corpus["dir"] / "a*.jsonl"), num_workers=0)
+    ref = StreamingData(plan, 48, 2, 1, 0, 1)
+    read(ref, 2)
+    state = roundtrip(ref.state_dict())
+    ref.close()
+    del state["fingerprint"]["shuffle_files"]
+    resumed = StreamingData(plan, 48, 2, 1, 0, 1)
+    with pytest.raises(DataError, match="data.shuffle_files"):
+        resumed.load_state_dict(state)
+    in_order = StreamingData(plan_of(files(corpus["dir"] / "a*.jsonl"), num_workers=0, shuffle_files=False),
+                             48, 2, 1, 0, 1)
+    in_order.load_state_dict(state)  # with the key set as the state was written, it resumes
 
 
 def test_validation_is_held_out_and_fixed(corpus):
@@ -210,8 +274,10 @@ def test_resume_continues_exactly_twice(corpus, kind, workers, dp):
 
 
 def test_two_dp_ranks_resume_without_overlap_or_loss(corpus):
-    """2 ranks, each saving and resuming: together they read each document of an epoch exactly once."""
-    plan = plan_of(files(corpus["dir"] / "a*.jsonl"), num_workers=0, val_fraction=0.01, shuffle_buffer=0)
+    """2 ranks, each saving and resuming: together they read each document of an epoch exactly once. (Files in a
+    fixed order: the ranks' shares stay the same over the epochs this reads.)"""
+    plan = plan_of(files(corpus["dir"] / "a*.jsonl"), num_workers=0, val_fraction=0.01, shuffle_buffer=0,
+                   shuffle_files=False)
     tok = load_tokenizer(plan.tokenizer)
     texts = []
     for rank in range(2):

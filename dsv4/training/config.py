@@ -65,6 +65,7 @@ class DataConfig:
     prefetch_factor: int = 4  # micro-batches each worker prepares ahead
     worker_start: str = "forkserver"  # forkserver | spawn | fork (fork breaks under W&B's import hooks)
     shuffle_buffer: int = 256  # packed sequences each worker draws from at random (0: stream order)
+    shuffle_files: bool = True  # train: each source's files (shards) read in a new seeded order every epoch
     on_bad_row: str = "skip"  # skip (and count) | raise: malformed rows and rows without the text field
     seed: int | None = None  # mixture and shuffle seed; null: train.seed
 
