@@ -1,7 +1,9 @@
 """Weighted, seeded choice of the source of each next document, with the realised counts.
 
-Weights are relative proportions of DOCUMENTS (each document is one draw); the realised proportions of both
-documents and tokens are reported, since sources with long documents take a larger share of the tokens.
+Weights are relative proportions of DOCUMENTS (by="documents": each document is one draw) or of TOKENS
+(by="tokens": a source is drawn with probability weight / its mean document length so far, so long-document
+sources are drawn less often and the token shares approach the weights). The realised proportions of both
+documents and tokens are reported.
 State (JSON-able): the numpy bit generator's state, the counts and which sources are still active (a
 validation pass drops a source when it runs out)."""
 
@@ -13,8 +15,12 @@ import numpy as np
 
 
 class Mixture:
-    def __init__(self, weights: list[float], seed: list[int], state: dict[str, Any] | None = None) -> None:
+    def __init__(self, weights: list[float], seed: list[int], state: dict[str, Any] | None = None,
+                 by: str = "documents") -> None:
+        if by not in ("documents", "tokens"):
+            raise ValueError(f"data.mix_by={by!r}: must be documents or tokens")
         self.weights = np.asarray(weights, dtype=np.float64)
+        self.by = by
         self.rng = np.random.default_rng(seed)
         n = len(weights)
         self.docs: list[int] = [0] * n
@@ -27,6 +33,10 @@ class Mixture:
     def choose(self) -> int | None:
         """Index of the source of the next document; None when no source is left."""
         p = self.weights * np.asarray(self.active, dtype=np.float64)
+        if self.by == "tokens":  # per-source mean length, each source starting from one document of the overall mean
+            docs, tokens = np.asarray(self.docs, dtype=np.float64), np.asarray(self.tokens, dtype=np.float64)
+            overall = (tokens.sum() + 1.0) / (docs.sum() + 1.0)
+            p = p / ((tokens + overall) / (docs + 1.0))
         total = p.sum()
         if total <= 0:
             return None

@@ -42,7 +42,7 @@ FINGERPRINT_KEYS = {"seq_len": "train.seq_len", "micro_batch": "train.micro_batc
                     "dp_world": "the number of data-parallel ranks", "lanes": "data.num_workers",
                     "sources": "data.sources", "tokenizer": "data.tokenizer", "val_fraction": "data.val_fraction",
                     "on_bad_row": "data.on_bad_row", "shuffle_buffer": "data.shuffle_buffer",
-                    "shuffle_files": "data.shuffle_files"}
+                    "shuffle_files": "data.shuffle_files", "mix_by": "data.mix_by"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class DataPlan:
     cross_document_attention: bool
     seed: int | None
     shuffle_files: bool = True  # train: each source's files in a new seeded order every epoch
+    mix_by: str = "documents"  # what the sources' weights proportion: documents | tokens
 
     def describe(self) -> str:
         if len(self.sources) == 1:
@@ -80,7 +81,8 @@ def prepare_data(data: Any) -> DataPlan:
                     prefetch_factor=int(data.prefetch_factor), worker_start=str(data.worker_start),
                     shuffle_buffer=int(data.shuffle_buffer),
                     cross_document_attention=bool(data.cross_document_attention), seed=data.seed,
-                    shuffle_files=bool(getattr(data, "shuffle_files", True)))
+                    shuffle_files=bool(getattr(data, "shuffle_files", True)),
+                    mix_by=str(getattr(data, "mix_by", "documents")))
 
 
 class LanePipeline:
@@ -97,7 +99,7 @@ class LanePipeline:
                            state=(state.get("sources") or [None] * len(plan.sources))[i])
             for i, spec in enumerate(plan.sources)]
         self.mixture = Mixture([s.weight for s in plan.sources], [seed, lane, num_lanes, split == "val"],
-                               state.get("mixture"))
+                               state.get("mixture"), by=plan.mix_by)
         self.packer = Packer(seq_len, state.get("packer"))
         # Training draws each sequence at random from a pool of packed ones, so a micro-batch mixes documents
         # (a long document would otherwise fill it). The pool and its RNG are part of the state: resume is exact.
@@ -244,7 +246,7 @@ class StreamingData:
         return {"seq_len": self.seq_len, "micro_batch": self.micro_batch, "seed": self.seed,
                 "dp_world": self.dp_world, "lanes": self.lanes, "val_fraction": self.plan.val_fraction,
                 "on_bad_row": self.plan.on_bad_row, "shuffle_buffer": self.plan.shuffle_buffer,
-                "shuffle_files": self.plan.shuffle_files,
+                "shuffle_files": self.plan.shuffle_files, "mix_by": self.plan.mix_by,
                 "tokenizer": self.plan.tokenizer.label,
                 "sources": [[s.name, s.kind, s.format, list(s.files), s.hub, s.hub_config, s.split, s.text_field,
                              s.weight] for s in self.plan.sources]}
@@ -264,7 +266,8 @@ class StreamingData:
         if state.get("dp_rank") != self.dp_rank:
             raise DataError(f"{where}: written by data-parallel rank {state.get('dp_rank')}, read by {self.dp_rank}")
         mine = self._fingerprint()
-        saved = {"shuffle_files": False, **state["fingerprint"]}  # states from before the key read files in order
+        # states from before these keys: files in order, mixtures by documents
+        saved = {"shuffle_files": False, "mix_by": "documents", **state["fingerprint"]}
         for key, value in saved.items():
             if mine.get(key) != value:
                 raise DataError(f"{where}: {FINGERPRINT_KEYS.get(key, key)} changed since the checkpoint "

@@ -355,6 +355,37 @@ def test_mixture_proportions_match_weights_and_are_seeded(corpus):
     assert first_sources(7) == first_sources(7) != first_sources(8)
 
 
+def test_token_weighted_mixture_matches_token_shares_and_resumes(corpus):
+    """data.mix_by=tokens: a source of documents ~10x longer gets the weighted share of TOKENS (by documents it
+    would take most of them); the draws depend on the counts, which the state keeps, so resume stays exact."""
+    d = corpus["dir"]
+    long_docs = [" ".join([doc_text("L", i)] * 10) for i in range(60)]
+    (d / "long.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long_docs))
+    shares = {}
+    for mix_by in ("tokens", "documents"):
+        plan = plan_of(files(d / "a*.jsonl", name="short", weight=1), files(d / "long.jsonl", name="long", weight=1),
+                       num_workers=0, mix_by=mix_by)
+        lane = LanePipeline(plan, "train", 128, 1, 5, 0, 1)
+        while sum(lane.mixture.tokens) < 300_000:
+            lane.next_sequence()
+        tokens, docs = lane.mixture.tokens, lane.mixture.docs
+        shares[mix_by] = (tokens[1] / sum(tokens), docs[1] / sum(docs))  # the long source's token, document share
+    assert abs(shares["tokens"][0] - 0.5) < 0.03, shares  # tokens split as weighted
+    assert shares["tokens"][1] < 0.2, shares  # ... by drawing the long source far less often
+    assert abs(shares["documents"][1] - 0.5) < 0.03 and shares["documents"][0] > 0.8, shares
+
+    plan = plan_of(files(d / "a*.jsonl", weight=1), files(d / "long.jsonl", weight=1), num_workers=0, mix_by="tokens")
+    ref = StreamingData(plan, 64, 2, 9)
+    read(ref, 4)
+    state = roundtrip(ref.state_dict())
+    rest = read(ref, 6)
+    ref.close()
+    resumed = StreamingData(plan, 64, 2, 9)
+    resumed.load_state_dict(state)
+    assert same(read(resumed, 6), rest)
+    resumed.close()
+
+
 # ---------------------------------------------------------------- bad input
 
 def test_missing_and_unreadable_files_name_the_key_and_file(corpus, tmp_path):
@@ -427,6 +458,7 @@ def compose_data(*overrides: str):
 @pytest.mark.parametrize("overrides,key", [
     (["data.num_workers=-1"], "data.num_workers"),
     (["data.on_bad_row=ignore"], "data.on_bad_row"),
+    (["data=mixture_example", "data.mix_by=lines"], "data.mix_by"),
     (["data=jsonl_example", "data.sources.0.kind=s3"], "data.sources[0].kind"),
     (["data=mixture_example", "data.sources.1.weight=0"], "data.sources[1].weight"),
     (["data=hub_example", "data.sources.0.hub=null"], "data.sources[0].hub"),

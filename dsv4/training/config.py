@@ -66,6 +66,7 @@ class DataConfig:
     worker_start: str = "forkserver"  # forkserver | spawn | fork (fork breaks under W&B's import hooks)
     shuffle_buffer: int = 256  # packed sequences each worker draws from at random (0: stream order)
     shuffle_files: bool = True  # train: each source's files (shards) read in a new seeded order every epoch
+    mix_by: str = "documents"  # what data.sources[*].weight proportions count: documents | tokens
     on_bad_row: str = "skip"  # skip (and count) | raise: malformed rows and rows without the text field
     seed: int | None = None  # mixture and shuffle seed; null: train.seed
 
@@ -243,6 +244,7 @@ def _check_data(data: DataConfig, need) -> None:
     need(data.worker_start in ("forkserver", "spawn", "fork"), "data.worker_start", data.worker_start,
          "choose forkserver, spawn or fork")
     need(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 0 (0: stream order)")
+    need(data.mix_by in ("documents", "tokens"), "data.mix_by", data.mix_by, "must be documents or tokens")
     need(data.on_bad_row in ("skip", "raise"), "data.on_bad_row", data.on_bad_row, "choose skip or raise")
     need(not (data.sources and data.path), "data.path", data.path,
          "set either data.path (one bundled-format file) or data.sources, not both")
