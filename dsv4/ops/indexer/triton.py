@@ -146,30 +146,56 @@ def _teacher_dense_kernel(
 
 
 @triton.jit
-def _pick_scores_kernel(
-    IQ, IK, W, IDX, OUT, stride_qb, stride_qt, stride_qh, stride_kb, stride_kn, stride_wb, stride_wt,
-    stride_ib, stride_it, T, NH, K,
-    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """OUT[b, t, j] = sum_h w[t, h] * relu(q_h[t] . k[IDX[t, j]]) (-inf where IDX = -1). Program: one query."""
+def _pick_program(Q, STAT, IDX, stride_qb, stride_qt, stride_sb, stride_st, stride_ib, stride_it,
+                  C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Grid (T, B) -> query t, batch b (int64), channel offsets + mask, and the query's rows of Q, of its per-head
+    statistic STAT (indexer weights or the attention's lse) and of its picks IDX."""
     i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    row_q = IQ + i_b * stride_qb + i_t.to(tl.int64) * stride_qt
-    row_w = W + i_b * stride_wb + i_t.to(tl.int64) * stride_wt
-    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    row = i_t.to(tl.int64)
+    return (i_t, i_b, o_c, o_c < C, Q + i_b * stride_qb + row * stride_qt, STAT + i_b * stride_sb + row * stride_st,
+            IDX + i_b * stride_ib + row * stride_it)
+
+
+@triton.jit
+def _head_block_dots(row_q, row_stat, h0, NH, stride_qh, o_c, m_c, b_k, UPCAST: tl.constexpr,
+                     BLOCK_H: tl.constexpr):
+    """Heads h0 .. h0+BH-1 of one query against gathered rows b_k [BN, BC] -> (q rows [BH, BC], the heads'
+    statistic [BH] fp32 (0 past NH), dots [BH, BN], head mask)."""
+    o_h = h0 + tl.arange(0, BLOCK_H)
+    m_h = o_h < NH
+    b_q = _load_rows(row_q, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
+    b_stat = tl.load(row_stat + o_h, mask=m_h, other=0.0).to(tl.float32)
+    return b_q, b_stat, tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION), m_h
+
+
+@triton.jit
+def _pick_reduce_kernel(
+    Q, ROWS, STAT, IDX, OUT, stride_qb, stride_qt, stride_qh, stride_rb, stride_rn, stride_sb, stride_st,
+    stride_ib, stride_it, T, NH, K, scale,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+    TEACHER: tl.constexpr,
+):
+    """Per query t (one program) and pick j (row r = ROWS[IDX[t, j]]), a reduction over heads:
+    student (TEACHER=0): OUT = sum_h w[t, h] * relu(q_h[t] . r), -inf where IDX = -1 (STAT = indexer weights);
+    teacher (TEACHER=1): OUT = mean_h exp(q_h[t] . r * scale - lse[t, h]), 0 where IDX = -1 (STAT = lse)."""
+    i_t, i_b, o_c, m_c, row_q, row_s, p_idx = _pick_program(Q, STAT, IDX, stride_qb, stride_qt, stride_sb, stride_st,
+                                                            stride_ib, stride_it, C, BLOCK_C)
     for start in range(0, K, BLOCK_N):
-        o_n, m_n, b_k = _picked_block(p_idx, start, K, IK + i_b * stride_kb, stride_kn, o_c, m_c, UPCAST, BLOCK_N)
+        o_n, m_n, b_k = _picked_block(p_idx, start, K, ROWS + i_b * stride_rb, stride_rn, o_c, m_c, UPCAST, BLOCK_N)
         acc = tl.zeros([BLOCK_N], tl.float32)
         for h0 in range(0, NH, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H)
-            m_h = o_h < NH
-            b_q = _load_rows(row_q, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
-            b_w = tl.load(row_w + o_h, mask=m_h, other=0.0).to(tl.float32)
-            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)  # [BH, BN]
-            acc += tl.sum(b_w[:, None] * tl.maximum(b_z, 0.0), axis=0)
+            _, b_s, b_z, m_h = _head_block_dots(row_q, row_s, h0, NH, stride_qh, o_c, m_c, b_k, UPCAST, BLOCK_H)
+            if TEACHER:
+                acc += tl.sum(tl.where(m_h[:, None], tl.exp(b_z * scale - b_s[:, None]), 0.0), axis=0)
+            else:
+                acc += tl.sum(b_s[:, None] * tl.maximum(b_z, 0.0), axis=0)
+        if TEACHER:
+            b_out = tl.where(m_n, acc / NH, 0.0)
+        else:
+            b_out = tl.where(m_n, acc, float("-inf"))
         o_j = start + tl.arange(0, BLOCK_N)
-        tl.store(OUT + (i_b * T + i_t) * K + o_j, tl.where(m_n, acc, float("-inf")), mask=o_j < K)
+        tl.store(OUT + (i_b * T + i_t) * K + o_j, b_out, mask=o_j < K)
 
 
 @triton.jit
@@ -179,31 +205,25 @@ def _pick_scores_bwd_q_kernel(
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """d index_q[t, h] = sum_j g[t, j] w[t, h] [z > 0] k_j;  d w[t, h] = sum_j g[t, j] relu(z[t, h, j])."""
-    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    row = i_b * stride_qb + i_t.to(tl.int64) * stride_qt
-    row_w = i_b * stride_wb + i_t.to(tl.int64) * stride_wt
-    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    i_t, i_b, o_c, m_c, row_q, row_w, p_idx = _pick_program(IQ, W, IDX, stride_qb, stride_qt, stride_wb, stride_wt,
+                                                            stride_ib, stride_it, C, BLOCK_C)
     p_g = DOUT + (i_b * T + i_t) * K
     for h0 in range(0, NH, BLOCK_H):
         o_h = h0 + tl.arange(0, BLOCK_H)
-        m_h = o_h < NH
-        b_q = _load_rows(IQ + row, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
-        b_w = tl.load(W + row_w + o_h, mask=m_h, other=0.0).to(tl.float32)
         dq = tl.zeros([BLOCK_H, BLOCK_C], tl.float32)
         dw = tl.zeros([BLOCK_H], tl.float32)
         for start in range(0, K, BLOCK_N):
             o_n, m_n, b_k = _picked_block(p_idx, start, K, IK + i_b * stride_kb, stride_kn, o_c, m_c, UPCAST,
                                           BLOCK_N)
             b_g = tl.load(p_g + start + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
-            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            _, b_w, b_z, _ = _head_block_dots(row_q, row_w, h0, NH, stride_qh, o_c, m_c, b_k, UPCAST, BLOCK_H)
             dw += tl.sum(b_g[None, :] * tl.maximum(b_z, 0.0), axis=1)
             b_gz = tl.where(b_z > 0, b_g[None, :] * b_w[:, None], 0.0)
             dq += tl.dot(b_gz.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
-        p_dq = DQ + row + o_h[:, None] * stride_qh + o_c[None, :]
+        m_h = o_h < NH  # DQ and DW are laid out as IQ and W
+        p_dq = DQ + i_b * stride_qb + i_t.to(tl.int64) * stride_qt + o_h[:, None] * stride_qh + o_c[None, :]
         tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_h[:, None] & m_c[None, :])
-        tl.store(DW + row_w + o_h, dw, mask=m_h)
+        tl.store(DW + i_b * stride_wb + i_t.to(tl.int64) * stride_wt + o_h, dw, mask=m_h)
 
 
 @triton.jit
@@ -213,55 +233,20 @@ def _pick_scores_bwd_k_kernel(
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """GK[b, t, j, :] = the gradient pick j of query t sends to its entry: sum_h g w_h [z > 0] q_h (fp32)."""
-    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    row_q = IQ + i_b * stride_qb + i_t.to(tl.int64) * stride_qt
-    row_w = W + i_b * stride_wb + i_t.to(tl.int64) * stride_wt
-    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
+    i_t, i_b, o_c, m_c, row_q, row_w, p_idx = _pick_program(IQ, W, IDX, stride_qb, stride_qt, stride_wb, stride_wt,
+                                                            stride_ib, stride_it, C, BLOCK_C)
     p_g = DOUT + (i_b * T + i_t) * K
     for start in range(0, K, BLOCK_N):
         o_n, m_n, b_k = _picked_block(p_idx, start, K, IK + i_b * stride_kb, stride_kn, o_c, m_c, UPCAST, BLOCK_N)
         b_g = tl.load(p_g + start + tl.arange(0, BLOCK_N), mask=m_n, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for h0 in range(0, NH, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H)
-            m_h = o_h < NH
-            b_q = _load_rows(row_q, o_h, stride_qh, o_c, m_h, m_c, UPCAST)
-            b_w = tl.load(row_w + o_h, mask=m_h, other=0.0).to(tl.float32)
-            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            b_q, b_w, b_z, _ = _head_block_dots(row_q, row_w, h0, NH, stride_qh, o_c, m_c, b_k, UPCAST, BLOCK_H)
             b_gz = tl.where(b_z > 0, b_g[None, :] * b_w[:, None], 0.0)
             dk += tl.dot(tl.trans(b_gz.to(b_q.dtype)), b_q, input_precision=DOT_PRECISION)
         o_j = start + tl.arange(0, BLOCK_N)
         p_gk = GK + ((i_b * T + i_t) * K + o_j.to(tl.int64))[:, None] * C + o_c[None, :]
         tl.store(p_gk, dk, mask=(o_j < K)[:, None] & m_c[None, :])
-
-
-@triton.jit
-def _teacher_sparse_kernel(
-    Q, CKV, LSE, IDX, OUT, stride_qb, stride_qt, stride_qh, stride_cb, stride_cn, stride_lb, stride_lt,
-    stride_ib, stride_it, T, H, K, scale,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """OUT[b, t, j] = mean_h exp(q_h[t] . c[IDX[t, j]] * scale - lse[t, h]) (0 where IDX = -1)."""
-    i_t, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    row_q = Q + i_b * stride_qb + i_t.to(tl.int64) * stride_qt
-    row_l = LSE + i_b * stride_lb + i_t.to(tl.int64) * stride_lt
-    p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_it
-    for start in range(0, K, BLOCK_N):
-        o_n, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cn, o_d, m_d, UPCAST, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for h0 in range(0, H, BLOCK_H):
-            o_h = h0 + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            b_q = _load_rows(row_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
-            b_lse = tl.load(row_l + o_h, mask=m_h, other=0.0)
-            b_z = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * scale
-            acc += tl.sum(tl.where(m_h[:, None], tl.exp(b_z - b_lse[:, None]), 0.0), axis=0)
-        o_j = start + tl.arange(0, BLOCK_N)
-        tl.store(OUT + (i_b * T + i_t) * K + o_j, tl.where(m_n, acc / H, 0.0), mask=o_j < K)
 
 
 def _cfg(x: torch.Tensor, width: int) -> dict:
@@ -386,8 +371,9 @@ def pick_scores_op(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.
                    ) -> torch.Tensor:
     batch, n_q, _, width = index_q.shape
     out = _new((batch, n_q, picks.shape[-1]), index_q, torch.float32)
-    _pick_scores_kernel[(n_q, batch)](index_q, index_k, weights, picks, out,
-                                      *_pick_args(index_q, index_k, weights, picks), **_pick_cfg(index_q, width))
+    args = _pick_args(index_q, index_k, weights, picks)
+    _pick_reduce_kernel[(n_q, batch)](index_q, index_k, weights, picks, out, *args, 1.0, TEACHER=False,
+                                      **_pick_cfg(index_q, width))
     return out
 
 
@@ -446,12 +432,8 @@ def teacher_sparse_op(q: torch.Tensor, ckv: torch.Tensor, lse: torch.Tensor, pic
                       ) -> torch.Tensor:
     batch, n_q, _, dim = q.shape
     out = _new((batch, n_q, picks.shape[-1]), q, torch.float32)
-    block = max(16, triton.next_power_of_2(dim))
-    _teacher_sparse_kernel[(n_q, batch)](
-        q, ckv, lse, picks, out, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0), ckv.stride(1),
-        lse.stride(0), lse.stride(1), picks.stride(0), picks.stride(1), n_q, q.shape[2], picks.shape[-1], scale,
-        D=dim, BLOCK_D=block, BLOCK_H=16, BLOCK_N=16 if block >= 256 else 32,
-        UPCAST=INTERPRET or q.dtype == torch.float32)
+    _pick_reduce_kernel[(n_q, batch)](q, ckv, lse, picks, out, *_pick_args(q, ckv, lse, picks), float(scale),
+                                      TEACHER=True, **_pick_cfg(q, dim))
     return out
 
 
