@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from dsv4.config import ConfigError
 from dsv4.training.config import TrainConfig, apply_layout, phase_for_step, resolve_config
 from dsv4.training.distributed import strip_launcher_args
-from dsv4.training.trainer import lr_lambda
+from dsv4.training.trainer import deepspeed_config, lr_lambda
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -85,6 +85,18 @@ def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         resolve_config(compose_config(override))
     assert str(err.value).startswith(key), str(err.value)
+
+
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_deepspeed_config_for_sequence_parallelism(zero):
+    """Under SP: gradients summed across SP ranks in fp32 (bf16 sums drift), and ZeRO-3's reduce-scatter (which
+    averages over SP ranks) off; keys from deepspeed.extra still win."""
+    run = resolve_config(compose_config(f"deepspeed={zero}", "parallel.sequence_parallel_size=2"))
+    ds = deepspeed_config(run, use_bf16=True)
+    assert ds["seq_parallel_communication_data_type"] == "fp32"
+    assert ds["zero_optimization"].get("reduce_scatter", True) is (zero != "zero3")
+    run = resolve_config(compose_config(f"deepspeed={zero}", "+deepspeed.extra.gradient_clipping=0.5"))
+    assert deepspeed_config(run, use_bf16=False)["gradient_clipping"] == 0.5
 
 
 def test_lr_schedule_and_phases():

@@ -62,6 +62,8 @@ def deepspeed_config(run: RunConfig, use_bf16: bool) -> dict[str, Any]:
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": use_bf16},
+        # gradients summed across sequence-parallel ranks stay fp32: bf16 sums drift (pitfall 9)
+        "seq_parallel_communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
