@@ -1,5 +1,6 @@
-"""Resuming on a different number of ranks: a 2-rank ZeRO-2 checkpoint, converted automatically to DeepSpeed's
-universal format, loads on 1 and on 4 ranks with exactly the parameters it was saved with, and training goes on."""
+"""Resuming on a different number of ranks: a 2-rank ZeRO-2 or ZeRO-3 checkpoint, converted automatically to
+DeepSpeed's universal format, loads on 1 and on 4 ranks with exactly the parameters it was saved with (digests of
+the full parameters; gathered under ZeRO-3), and training goes on."""
 
 import json
 import shutil
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 from test_training import BIN, run
 
-RUN = ["train.seq_len=128", "train.micro_batch_size=2", "logging.interval=1", "logging.wandb.enabled=false",
-       "data.num_workers=0", "deepspeed=zero2", "train.phases.dense_steps=0", "train.phases.indexer_warmup_steps=0"]
+BASE = ["train.seq_len=128", "train.micro_batch_size=2", "logging.interval=1", "logging.wandb.enabled=false",
+        "data.num_workers=0", "train.phases.dense_steps=0", "train.phases.indexer_warmup_steps=0"]
 
 
 def torchrun(n: int) -> list[str]:
@@ -23,7 +24,9 @@ def digests(run_dir: Path) -> list[str]:
 
 @pytest.mark.dist
 @pytest.mark.slow
-def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path):
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_rank_checkpoint_resumes_on_one_and_four_ranks(tmp_path, zero):
+    RUN = [*BASE, f"deepspeed={zero}"]  # noqa: N806
     original = tmp_path / "two"
     res = run([*torchrun(2), "train.py", *RUN, "train.steps=4", f"train.output_dir={original}"], threads=1)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]

@@ -25,19 +25,24 @@ def batch_checksum(input_ids: torch.Tensor) -> int:
     return int((ids * weights).sum()) % CHECKSUM_MOD
 
 
-def param_digest(module: torch.nn.Module) -> str | None:
-    """sha256 of every parameter's bytes, in name order; None under ZeRO-3 (parameters are partitioned)."""
+def param_digest(module: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in name order. Collective under ZeRO-3 (every rank must call it): each
+    partitioned parameter is gathered in turn, one at a time, so memory stays at one full parameter."""
     h = hashlib.sha256()
     for name, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-        if hasattr(param, "ds_id"):  # ZeRO-3 placeholder
-            return None
         h.update(name.encode())
-        h.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gather the whole parameter for the digest
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                h.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        else:
+            h.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def gather_digests(module: torch.nn.Module) -> list[str | None]:
+def gather_digests(module: torch.nn.Module) -> list[str]:
     """Collective: every rank's parameter digest, in rank order."""
-    digests: list[str | None] = [None] * dist.get_world_size()
+    digests: list[str] = [""] * dist.get_world_size()
     dist.all_gather_object(digests, param_digest(module))
     return digests

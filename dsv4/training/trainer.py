@@ -175,11 +175,6 @@ def _pick_resume_tag(run: RunConfig, ckpt_dir: Path, world: int, logger: Metrics
     if manifest_file.is_file():
         written_by = checkpointing.read_manifest(ckpt_dir / tag).get("world_size")
         if written_by is not None and written_by != world:
-            if run.deepspeed.zero_stage == 3:
-                raise ConfigError(
-                    f"train.resume={resume!r}: {ckpt_dir / tag} was written by {written_by} ranks, this run has "
-                    f"{world}; resuming on another rank count goes through DeepSpeed's universal checkpoint, which "
-                    "this project has tested with ZeRO 0-2 only: resume with ZeRO-2 or the same number of ranks")
             logger.print(f"train.resume: {ckpt_dir / tag} was written by {written_by} ranks, this run has {world}: "
                          "resuming through a universal checkpoint")
             return tag, True
@@ -439,7 +434,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if stopped_by is None:
         val_loss = evaluate(engine, data, run, device, layout.sp)
     digests = gather_digests(engine.module)  # every rank's parameters: equal when the ranks stayed in sync
-    if digests[0] is not None and len(set(digests)) > 1:
+    if len(set(digests)) > 1:
         logger.print(f"warning: parameters differ across ranks at the end: {digests}")
     summary = _summary(history, val_loss, wall, tokens_per_step, run, run_dir, start_step)
     summary.update(stopped_by=stopped_by, bad_steps=bad_total, param_digests=digests,
