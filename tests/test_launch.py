@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from test_training import BIN, env, free_port, metrics
 
-from dsv4.training.sweep import expand
+from dsv4.training.sweep import device_slots, expand, job_command
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["train.seq_len=64", "train.micro_batch_size=2", "train.eval_batches=1", "train.warmup_steps=2"]
@@ -22,6 +22,44 @@ def test_sweep_expansion_uses_hydra_syntax():
     assert jobs[0] == ["train.lr=0.001", "attention=csa", "train.steps=5", "train.seed=1"]
     assert {tuple(j[:2]) for j in jobs} == {(f"train.lr={lr}", f"attention={a}")
                                             for lr in ("0.001", "0.003") for a in ("csa", "dense")}
+
+
+def test_sweep_device_slots_and_commands():
+    """--parallel shares out GPUs: slot k takes k*ranks .. (k+1)*ranks-1; deepspeed names them with --include."""
+    assert device_slots(2, 2, ["0", "1", "2", "3"]) == [["0", "1"], ["2", "3"]]
+    assert device_slots(3, 1, []) == [None, None, None]
+    with pytest.raises(SystemExit, match="--parallel 3 x --ranks 2 needs 6 GPUs"):
+        device_slots(3, 2, ["0", "1", "2", "3"])
+    cmd, extra = job_command("deepspeed", 2, ["train.lr=1"], ["2", "3"])
+    assert cmd[1:3] == ["--include", "localhost:2,3"] and extra == {}
+    cmd, extra = job_command("auto", 1, ["train.lr=1"], ["5"])
+    assert cmd[1] == "train.py" and extra == {"CUDA_VISIBLE_DEVICES": "5"}
+
+
+def test_sweep_single_job_for_a_scheduler_array(tmp_path):
+    """--job K runs (here: prints) only job K, records it under jobs/, and names the W&B group after the shared
+    sweep directory, so every array task agrees."""
+    sweep_dir = tmp_path / "array7"
+    res = subprocess.run([sys.executable, "launch/sweep.py", "--job", "1", "--sweep-dir", str(sweep_dir), "--dry-run",
+                          "train.lr=1e-3,2e-3,3e-3"], cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[2/3] train.lr=0.002" in res.stdout and "train.lr=0.001" not in res.stdout
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    assert sweep["group"] == "sweep-array7" and [j["job"] for j in sweep["jobs"]] == [1]
+    assert "logging.wandb.group='sweep-array7'" in res.stdout
+    bad = subprocess.run([sys.executable, "launch/sweep.py", "--job", "3", "--sweep-dir", str(sweep_dir),
+                          "train.lr=1e-3,2e-3"], cwd=ROOT, env=env(1), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--job 3: the sweep has jobs 0..1" in bad.stderr
+
+
+def test_sweep_array_script_runs_its_task(tmp_path):
+    """launch/sweep_array.sbatch outside SLURM, with the variables SLURM sets: task 1 runs job 1 in SWEEP_DIR."""
+    e = dict(env(1), SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="99", GPUS="1", SWEEP_DIR=str(tmp_path / "s"))
+    res = subprocess.run(["bash", "launch/sweep_array.sbatch", "--dry-run", "train.lr=1e-3,2e-3"], cwd=ROOT, env=e,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "[2/2] train.lr=0.002" in res.stdout and "train.lr=0.001" not in res.stdout
+    assert json.loads((tmp_path / "s" / "sweep.json").read_text())["group"] == "sweep-s"
 
 
 @pytest.mark.slow
@@ -51,15 +89,18 @@ def test_two_nodes_no_ssh_train_in_sync(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_two_jobs_two_runs_one_wandb_group(tmp_path):
+    """Two jobs at once (--parallel 2): each its own run directory, log and offline W&B run, in one group."""
     sweep_dir = tmp_path / "sweep"
     res = subprocess.run([sys.executable, "train.py", "-m", *SHORT, "train.steps=2", "train.lr=1e-3,2e-3",
-                          "--sweep-dir", str(sweep_dir)], cwd=ROOT, env=env(2), capture_output=True, text=True,
-                         timeout=400)
+                          "--sweep-dir", str(sweep_dir), "--parallel", "2"], cwd=ROOT, env=env(1),
+                         capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     group = sweep["group"]
     assert [j["returncode"] for j in sweep["jobs"]] == [0, 0]
-    run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert max(j["started"] for j in sweep["jobs"]) < min(j["ended"] for j in sweep["jobs"]), "ran one by one"
+    assert all("==== summary ====" in (sweep_dir / f"{i:03d}.log").read_text() for i in range(2))
+    run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "jobs")
     assert [p.name for p in run_dirs] == ["000-train.lr-0.001", "001-train.lr-0.002"]
     for run_dir, lr in zip(run_dirs, ("0.001", "0.002")):
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2

@@ -3,6 +3,8 @@
     python train.py -m train.lr=1e-3,3e-3 attention=csa,v4_flash          # 4 jobs, one after another
     python train.py -m sweep=lr_x_layout --ranks 2                         # a sweep config, 2 ranks per job
     python launch/sweep.py --sweep topk_x_ratio --ranks 8 model=small      # the same driver
+    python train.py -m sweep=lr_x_layout --ranks 2 --parallel 4            # 4 jobs at once, 2 GPUs each
+    python launch/sweep.py --sweep lr_x_layout --job 3 --sweep-dir DIR     # only job 3 (a SLURM array task)
 
 Overrides use Hydra's sweep syntax (`a=1,2`, `range(...)`, `choice(...)`, `glob(...)`), expanded to their cartesian
 product by Hydra's own override parser. `sweep=NAME` adds the `params` of `conf/sweep/NAME.yaml` (the format of
@@ -13,8 +15,15 @@ torchrun`), with
     train.output_dir=<sweep dir>/<job>-<overrides>   logging.wandb.group=<sweep name>-<time>
     logging.wandb.name=<its overrides>
 
-so each job has its own run directory and W&B run, grouped by sweep. `<sweep dir>/sweep.json` lists the jobs,
-their overrides and exit codes. A failed job does not stop the sweep; the driver exits 1 if any failed.
+so each job has its own run directory and W&B run, grouped by sweep. `<sweep dir>/jobs/<n>.json` records each
+job (overrides, exit code, start and end); `<sweep dir>/sweep.json` lists every recorded job. A failed job does not
+stop the sweep; the driver exits 1 if any failed.
+
+`--parallel P` runs P jobs at once, each on its own `--ranks` GPUs (job slot k takes devices k*ranks ..
+(k+1)*ranks-1 of `--devices`, default CUDA_VISIBLE_DEVICES or every visible GPU; without GPUs the jobs just run
+side by side); each job's output then goes to `<sweep dir>/<n>.log`. `--job K` runs job K alone, for a scheduler
+that starts one task per job (launch/sweep_array.sbatch): every task expands the same list, so K names the same
+job everywhere, and the W&B group is taken from the sweep directory, which the tasks share.
 """
 
 from __future__ import annotations
@@ -82,15 +91,52 @@ def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def job_command(launcher: str, ranks: int, overrides: list[str]) -> list[str]:
+def job_command(launcher: str, ranks: int, overrides: list[str], devices: list[str] | None = None
+                ) -> tuple[list[str], dict[str, str]]:
+    """The command of one job and the environment it adds (its GPUs, when it has a slot of them)."""
     bin_dir = Path(sys.executable).parent
+    visible = {"CUDA_VISIBLE_DEVICES": ",".join(devices)} if devices else {}
     if launcher == "python" or (launcher == "auto" and ranks == 1):
-        return [sys.executable, "train.py", *overrides]
+        return [sys.executable, "train.py", *overrides], visible
     if launcher == "torchrun":
         return [str(bin_dir / "torchrun"), "--nnodes", "1", "--nproc_per_node", str(ranks), "--master_port",
-                str(_free_port()), "train.py", *overrides]
-    return [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(_free_port()), "train.py",
-            *overrides]
+                str(_free_port()), "train.py", *overrides], visible
+    # the deepspeed launcher sets CUDA_VISIBLE_DEVICES itself: name the GPUs with --include instead
+    gpus = ["--include", "localhost:" + ",".join(devices)] if devices else ["--num_gpus", str(ranks)]
+    return [str(bin_dir / "deepspeed"), *gpus, "--master_port", str(_free_port()), "train.py", *overrides], {}
+
+
+def device_slots(parallel: int, ranks: int, devices: list[str]) -> list[list[str] | None]:
+    """GPUs of each of the `parallel` job slots (None: no GPUs, jobs share the CPU)."""
+    if not devices:
+        return [None] * parallel
+    if parallel * ranks > len(devices):
+        raise SystemExit(f"--parallel {parallel} x --ranks {ranks} needs {parallel * ranks} GPUs; there are "
+                         f"{len(devices)} ({','.join(devices)}): lower --parallel or --ranks, or set --devices")
+    return [devices[k * ranks:(k + 1) * ranks] for k in range(parallel)]
+
+
+def _visible_devices(arg: str | None) -> list[str]:
+    if arg:
+        return [d.strip() for d in arg.split(",") if d.strip()]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except ImportError:  # pragma: no cover
+        return []
+
+
+def _write_records(sweep_dir: Path, group: str) -> list[dict[str, Any]]:
+    """sweep.json from every job record in <sweep dir>/jobs/ (several drivers may share the directory)."""
+    records = [json.loads(p.read_text()) for p in sorted((sweep_dir / "jobs").glob("*.json"))]
+    records.sort(key=lambda r: r["job"])
+    tmp = sweep_dir / f".sweep.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"group": group, "jobs": records}, indent=2))
+    os.replace(tmp, sweep_dir / "sweep.json")
+    return records
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=1, help="ranks per job (default 1)")
     parser.add_argument("--launcher", choices=("auto", "python", "deepspeed", "torchrun"), default="auto")
     parser.add_argument("--sweep-dir", default=None, help="default: outputs/sweeps/<name>-<time>")
+    parser.add_argument("--parallel", type=int, default=1, help="jobs at once, each on its own --ranks GPUs")
+    parser.add_argument("--devices", default=None, help="GPU ids to share out, e.g. 0,1,2,3 (default: all visible)")
+    parser.add_argument("--job", type=int, default=None, help="run only job K (one scheduler task per job)")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-")]
     if bad:
         parser.error(f"unknown option {bad[0]}")
+    if args.parallel < 1 or args.ranks < 1:
+        parser.error("--parallel and --ranks must be >= 1")
+    if args.job is not None and not args.sweep_dir:
+        parser.error("--job needs --sweep-dir (the directory every task of the sweep shares)")
     sweep_name = args.sweep
     overrides = []
     for item in rest:
@@ -117,38 +170,67 @@ def main(argv: list[str] | None = None) -> int:
         name = config["name"]
         overrides = [*config["overrides"], *(f"{k}={v}" for k, v in config["params"].items()), *overrides]
     jobs = expand(overrides)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    group = f"{name}-{stamp}"
+    if args.job is not None and not 0 <= args.job < len(jobs):
+        parser.error(f"--job {args.job}: the sweep has jobs 0..{len(jobs) - 1}")
+    if args.job is not None:  # every task must name the group alike: take it from the shared directory
+        group = f"{name}-{Path(args.sweep_dir).resolve().name}"
+    else:
+        group = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     sweep_dir = Path(args.sweep_dir) if args.sweep_dir else ROOT / "outputs" / "sweeps" / group
     sweeping = {o.split("=", 1)[0] for job in jobs for o in job} - {
         o.split("=", 1)[0] for o in jobs[0] if all(o in job for job in jobs)}
-    print(f"sweep {group}: {len(jobs)} job(s), {args.ranks} rank(s) each, in {sweep_dir}", flush=True)
-    records = []
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    for i, job in enumerate(jobs):
-        varying = [o for o in job if o.split("=", 1)[0] in sweeping]
-        run_dir = sweep_dir / f"{i:03d}-{_slug(varying)}"
-        extra = [f"train.output_dir={_quoted(str(run_dir))}"]
-        if not any(o.startswith("logging.wandb.group=") for o in job):
-            extra.append(f"logging.wandb.group={_quoted(group)}")
-        if not any(o.startswith("logging.wandb.name=") for o in job):
-            extra.append(f"logging.wandb.name={_quoted(','.join(varying) or name)}")
-        cmd = job_command(args.launcher, args.ranks, [*job, *extra])
-        print(f"[{i + 1}/{len(jobs)}] {' '.join(varying) or '(no swept keys)'} -> {run_dir}", flush=True)
-        if args.dry_run:
-            print("  " + " ".join(cmd), flush=True)
-            records.append({"job": i, "overrides": job, "run_dir": str(run_dir), "returncode": None})
-            continue
-        started = time.time()
-        rc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ)).returncode
-        records.append({"job": i, "overrides": job, "run_dir": str(run_dir), "returncode": rc,
-                        "wall_s": round(time.time() - started, 1)})
-        print(f"[{i + 1}/{len(jobs)}] exit code {rc}", flush=True)
-        (sweep_dir / "sweep.json").write_text(json.dumps({"group": group, "jobs": records}, indent=2))
-    (sweep_dir / "sweep.json").write_text(json.dumps({"group": group, "jobs": records}, indent=2))
-    failed = [r for r in records if r["returncode"] not in (0, None)]
+    selected = [args.job] if args.job is not None else list(range(len(jobs)))
+    parallel = min(args.parallel, len(selected))
+    slots = device_slots(parallel, args.ranks, _visible_devices(args.devices) if parallel > 1 else [])
+    print(f"sweep {group}: {len(jobs)} job(s), {args.ranks} rank(s) each, {parallel} at a time, in {sweep_dir}",
+          flush=True)
+    (sweep_dir / "jobs").mkdir(parents=True, exist_ok=True)
+    pending = list(selected)
+    running: dict[int, tuple[int, subprocess.Popen, dict[str, Any], Any]] = {}  # slot -> job, process, record, log
+    failed = 0
+    while pending or running:
+        while pending and len(running) < parallel:
+            i = pending.pop(0)
+            slot = min(set(range(parallel)) - set(running))
+            job = jobs[i]
+            varying = [o for o in job if o.split("=", 1)[0] in sweeping]
+            run_dir = sweep_dir / f"{i:03d}-{_slug(varying)}"
+            extra = [f"train.output_dir={_quoted(str(run_dir))}"]
+            if not any(o.startswith("logging.wandb.group=") for o in job):
+                extra.append(f"logging.wandb.group={_quoted(group)}")
+            if not any(o.startswith("logging.wandb.name=") for o in job):
+                extra.append(f"logging.wandb.name={_quoted(','.join(varying) or name)}")
+            cmd, job_env = job_command(args.launcher, args.ranks, [*job, *extra], slots[slot])
+            where = f" on GPUs {','.join(slots[slot])}" if slots[slot] else ""
+            print(f"[{i + 1}/{len(jobs)}] {' '.join(varying) or '(no swept keys)'} -> {run_dir}{where}", flush=True)
+            record = {"job": i, "overrides": job, "run_dir": str(run_dir), "returncode": None}
+            if args.dry_run:
+                print("  " + " ".join([*(f"{k}={v}" for k, v in job_env.items()), *cmd]), flush=True)
+                (sweep_dir / "jobs" / f"{i:03d}.json").write_text(json.dumps(record))
+                continue
+            log = open(sweep_dir / f"{i:03d}.log", "w") if parallel > 1 else None  # noqa: SIM115
+            record["started"] = time.time()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **job_env}, stdout=log,
+                                    stderr=subprocess.STDOUT if log else None)
+            running[slot] = (i, proc, record, log)
+        for slot, (i, proc, record, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[slot]
+            if log:
+                log.close()
+            record.update(returncode=proc.returncode, ended=time.time())
+            record["wall_s"] = round(record["ended"] - record["started"], 1)
+            failed += proc.returncode != 0
+            (sweep_dir / "jobs" / f"{i:03d}.json").write_text(json.dumps(record))
+            _write_records(sweep_dir, group)
+            print(f"[{i + 1}/{len(jobs)}] exit code {proc.returncode}"
+                  + (f" (output: {sweep_dir / f'{i:03d}.log'})" if log else ""), flush=True)
+        if running:
+            time.sleep(0.5)
+    _write_records(sweep_dir, group)
     if not args.dry_run:
-        print(f"sweep {group}: {len(records) - len(failed)}/{len(records)} job(s) succeeded", flush=True)
+        print(f"sweep {group}: {len(selected) - failed}/{len(selected)} job(s) succeeded", flush=True)
     return 1 if failed else 0
 
 
