@@ -26,9 +26,9 @@ from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
 from dsv4.ops.indexer.recall import indexer_recall
-from dsv4.ops.ranges import AttentionRanges, document_ranges, group_starts
+from dsv4.ops.ranges import AttentionRanges, document_ranges, entry_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
-from dsv4.parallel.collectives import all_gather_sequence, all_reduce_sum, shift_to_next_rank
+from dsv4.parallel.collectives import all_gather_sequence, all_gather_values, all_reduce_sum, shift_to_next_rank
 from dsv4.rope import Rotary
 
 PHASES = ("dense", "indexer_warmup", "sparse")
@@ -86,10 +86,8 @@ class V4Attention(nn.Module):
         batch, seq_len, _ = x.shape
         ranges, starts = None, None
         sp = opts.sequence_parallel
-        if documents:
-            if sp is not None:
-                raise NotImplementedError("document masking (data.cross_document_attention=false) is not supported "
-                                          "with parallel.sequence_parallel_size > 1 yet")
+        sp_docs = None
+        if documents and sp is None:
             starts = group_starts(positions, self.ratio) if self.ratio else None
             ranges = document_ranges(positions, cfg.sliding_window, self.ratio, starts)
         doc_positions = positions if documents else None
@@ -103,10 +101,16 @@ class V4Attention(nn.Module):
         topk_idx = None
         index = None
         x_prefixed = None
-        if sp is not None:  # local queries; K=V rows = [previous rank's last window-1 rows | ours]
+        if sp is not None and documents:  # as below, with groups and windows that follow the documents
+            sp_docs = _SPDocuments(self, x, kv, positions, sp)
+            kv, x_prefixed, ranges = sp_docs.kv, sp_docs.x_prefixed, sp_docs.ranges
+            doc_positions, starts = sp_docs.positions_prefixed, sp_docs.local_starts
+        elif sp is not None:  # local queries; K=V rows = [previous rank's last window-1 rows | ours]
             kv, x_prefixed, ranges = self._sequence_parallel_inputs(x, kv, sp)
         if self.ratio:
-            if sp is not None:  # compress our own groups, then gather every rank's entries (in rank order)
+            if sp_docs is not None:  # this rank's groups, gathered from every rank in sequence order
+                compressed = sp_docs.gather(self.compressor(x_prefixed, self.rotary, start_pos, doc_positions, starts))
+            elif sp is not None:  # compress our own groups, then gather every rank's entries (in rank order)
                 compressed = all_gather_sequence(self._local_entries(x, x_prefixed, start_pos, sp), sp)
             else:
                 compressed = self.compressor(x, self.rotary, start_pos, doc_positions, starts)  # [B, N, c]
@@ -115,7 +119,9 @@ class V4Attention(nn.Module):
         if self.kind == "csa" and compressed is not None and opts.phase in ("indexer_warmup", "sparse"):
             index = self.indexer(x, q_latent, self.rotary, positions, start_pos, doc_positions, starts, x_prefixed,
                                  sp is None or sp.rank > 0)
-            if sp is not None:
+            if sp_docs is not None:
+                index = (index[0], sp_docs.gather(index[1]), index[2])
+            elif sp is not None:
                 index = (index[0], all_gather_sequence(index[1], sp), index[2])
             if opts.phase == "sparse":
                 topk_idx = indexer_topk(*index, ratio=self.ratio, topk=cfg.index_topk, backend=opts.backend,
@@ -184,6 +190,76 @@ class V4Attention(nn.Module):
                                prefix_valid=sp.rank > 0)
 
 
+class _SPDocuments:
+    """Sequence parallelism with document masking, for one V4 layer on one rank (shard of L tokens).
+
+    Groups start at document positions that are multiples of the ratio, so they may straddle two ranks: a group
+    belongs to the rank holding its last token, which compresses it from its own rows plus a prefix of the
+    previous rank's last rows (2*ratio-1 for CSA: a straddling group and its lookback; ratio-1 for HCA). Ranks
+    own different numbers of entries: each pads to the largest count, the padded entries are all-gathered, and
+    every rank compacts them into sequence order (the same entry list as one device). Windows stop at document
+    starts; per-query ranges index the K=V rows [halo | ours] and the compacted entries."""
+
+    def __init__(self, layer: V4Attention, x: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, sp) -> None:
+        cfg, r = layer.cfg, layer.ratio
+        batch, seq_len, _ = x.shape
+        window, halo = cfg.sliding_window, cfg.sliding_window - 1
+        prefix = (2 * r - 1 if r == CSA_RATIO else r - 1) if r else 0
+        if seq_len < max(halo, prefix, r):
+            raise ValueError(f"sequence parallelism with document masking: shard length {seq_len} must be >= "
+                             f"sliding_window - 1 ({halo}), the ratio ({r}) and the compressor prefix ({prefix})")
+        self.sp = sp
+        self.kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1) if halo else kv
+        t = torch.arange(seq_len, device=x.device)[None].expand(batch, -1)
+        row = halo + t  # our tokens' rows among the K=V rows
+        # the window stops at the document start (on rank 0 that is never before our rows: positions restart there)
+        window_lo = torch.maximum(row - window + 1, row - positions)
+        self.x_prefixed = self.positions_prefixed = self.local_starts = None
+        cmp_lo = cmp_hi = torch.zeros_like(t)
+        if r:
+            self.x_prefixed = torch.cat((shift_to_next_rank(x[:, seq_len - prefix:], sp), x), dim=1)
+            before = shift_to_next_rank(positions[:, seq_len - prefix:].float(), sp).long()
+            if sp.rank == 0:  # the last rank's rows: no group may start there
+                before = torch.full_like(before, -1)
+            self.positions_prefixed = torch.cat((before, positions), dim=1)
+            n_rows = prefix + seq_len
+            starts = group_starts(self.positions_prefixed, r)  # rows of the prefixed shard, padded with n_rows
+            mine = (starts >= prefix - r + 1) & (starts < n_rows)  # groups that end in our rows
+            counts = mine.sum(1)
+            all_counts = all_gather_values(counts, sp)  # [world, B]
+            width = int(all_counts.max())
+            order = torch.argsort((~mine).to(torch.int8), dim=1, stable=True)
+            ours = torch.arange(starts.shape[1], device=x.device)[None] < counts[:, None]
+            local = torch.where(ours, starts.gather(1, order), n_rows)
+            local = F.pad(local, (0, max(0, width - local.shape[1])), value=n_rows)[:, :width]
+            self.local_starts = local
+            total_rows = sp.world * seq_len
+            global_starts = all_gather_values(torch.where(local < n_rows, local - prefix + sp.start, total_rows), sp)
+            # compaction: for each batch row, rank k's first counts[k] entries, in rank order
+            j = torch.arange(width, device=x.device)
+            valid = (j[None, None, :] < all_counts[:, :, None]).permute(1, 0, 2).reshape(batch, -1)
+            flat = (torch.arange(sp.world, device=x.device)[:, None] * width + j[None, :]).reshape(-1)
+            self.total = valid.sum(1)
+            n_total = int(self.total.max()) if batch else 0
+            keep = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :n_total]
+            self.index = flat[keep]  # [B, n_total] positions in the gathered [B, world * width] entries
+            self.present = torch.arange(n_total, device=x.device)[None] < self.total[:, None]
+            gathered_starts = global_starts.permute(1, 0, 2).reshape(batch, -1).gather(1, self.index)
+            entry_starts = torch.where(self.present, gathered_starts, total_rows)
+            t_global = sp.start + t
+            cmp_lo, cmp_hi = entry_ranges(entry_starts, total_rows, r, t_global - positions, t_global)
+        self.ranges = AttentionRanges(window_lo.int(), row.int(), cmp_lo.int(), cmp_hi.int())
+
+    def gather(self, local_entries: torch.Tensor) -> torch.Tensor:
+        """This rank's entries [B, width, c] -> every rank's, compacted in sequence order [B, N, c]
+        (differentiable: the backward of the gather sends each rank its entries' gradients)."""
+        if self.index.shape[1] == 0:
+            return local_entries[:, :0]
+        everyone = all_gather_sequence(local_entries, self.sp)  # [B, world * width, c]
+        picked = everyone.gather(1, self.index[..., None].expand(-1, -1, everyone.shape[-1]))
+        return picked * self.present[..., None].to(picked.dtype)
+
+
 class DenseAttention(nn.Module):
     """Plain causal GQA attention through SDPA (compress_ratios entry -1), the comparison baseline."""
 
@@ -205,17 +281,18 @@ class DenseAttention(nn.Module):
         k = self.rotary(self.wk(x).view(batch, seq_len, self.n_kv, self.head_dim), positions)
         v = self.wv(x).view(batch, seq_len, self.n_kv, self.head_dim)
         sp = self.options.sequence_parallel if self.options is not None else None
+        mask = None
+        if documents:  # causal AND same document: [B, 1, S, S] over the whole sequence
+            if sp is not None:
+                positions = all_gather_values(positions, sp).permute(1, 0, 2).reshape(batch, -1)
+            doc = torch.cumsum(positions == 0, dim=1)
+            total = positions.shape[1]
+            causal = torch.ones(total, total, dtype=torch.bool, device=x.device).tril()
+            mask = (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
         if sp is not None:
-            if documents:
-                raise NotImplementedError("document masking is not supported with sequence parallelism yet")
             from dsv4.parallel.ulysses import ulysses_attention
 
-            return self.wo(ulysses_attention(q, k, v, sp).reshape(batch, seq_len, -1)), None
-        mask = None
-        if documents:  # causal AND same document: [B, 1, S, S]
-            doc = torch.cumsum(positions == 0, dim=1)
-            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
+            return self.wo(ulysses_attention(q, k, v, sp, mask).reshape(batch, seq_len, -1)), None
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv != self.n_heads)

@@ -121,7 +121,10 @@ class Indexer(nn.Module):
         batch, seq_len, _ = x.shape
         index_q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
         index_q = rotary(index_q, positions)
-        if x_prefixed is not None:
+        if doc_positions is not None:  # packed documents (under sequence parallelism: x_prefixed, prefixed rows)
+            source = x_prefixed.detach() if x_prefixed is not None else x
+            index_k = self.compressor(source, rotary, start_pos, doc_positions, starts)
+        elif x_prefixed is not None:
             index_k = self.compressor(x_prefixed.detach(), rotary, start_pos - self.ratio, prefix=True,
                                       prefix_valid=prefix_valid)
         else:

@@ -13,11 +13,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_parity(world: int, shard: int, backend: str, tmp_path: Path) -> list[dict]:
-    out = tmp_path / f"sp{world}.json"
+def run_parity(world: int, shard: int, backend: str, tmp_path: Path, documents: bool = False) -> list[dict]:
+    out = tmp_path / f"sp{world}{'docs' if documents else ''}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
-                          str(world), "tests/workers/sp_parity.py", str(shard), backend, str(out)],
+                          str(world), "tests/workers/sp_parity.py", str(shard), backend, str(out),
+                          *(["documents"] if documents else [])],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return json.loads(out.read_text())
@@ -25,9 +26,12 @@ def run_parity(world: int, shard: int, backend: str, tmp_path: Path) -> list[dic
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("world,shard", [(2, 16), (4, 8)])
-def test_sharded_sequence_equals_single_device(world, shard, tmp_path):
-    results = run_parity(world, shard, "torch", tmp_path)
+def test_sharded_sequence_equals_single_device(world, shard, documents, tmp_path):
+    """documents: packed documents with document masking; documents start inside shards and cross them, so
+    compressor groups straddle ranks and ranks own different numbers of entries."""
+    results = run_parity(world, shard, "torch", tmp_path, documents)
     assert len(results) == 6
     for r in results:
         case = f"{r['ratios']} {r['phase']}"
@@ -79,6 +83,20 @@ def test_dp2_sp2_training_matches_dp2_sp1_for_every_zero_stage(tmp_path):
             for key in ("lm_loss", "indexer_loss"):
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (stage, a["step"], key, a[key], b[key])
         assert len(got) == len(ref)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_sp2_training_with_document_masking_matches_one_rank(tmp_path):
+    """data.cross_document_attention=false under sequence parallelism: 2 SP ranks train step for step like one
+    rank (every CSA phase), with the bundled corpus' documents packed across the shard boundary."""
+    docs = ["data.cross_document_attention=false"]
+    ref = train_run([sys.executable], docs, tmp_path / "ref")
+    got = train_run(torchrun(2), [*docs, "parallel.sequence_parallel_size=2"], tmp_path / "sp2")
+    assert len(got) == len(ref) == 5
+    for a, b in zip(ref, got):
+        for key in ("lm_loss", "indexer_loss"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (a["step"], key, a[key], b[key])
 
 
 @pytest.mark.parametrize("sp,seq_len,match", [

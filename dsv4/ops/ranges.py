@@ -72,14 +72,22 @@ def document_ranges(positions: torch.Tensor, window: int, ratio: int, starts: to
     t = torch.arange(seq_len, device=positions.device)[None].expand(batch, -1)
     doc_start = t - positions  # row of the first token of each query's document
     window_lo = torch.maximum(t - window + 1, doc_start)
+    cmp_lo, cmp_hi = entry_ranges(starts, seq_len, ratio, doc_start, t)
+    return AttentionRanges(window_lo.int(), t.int(), cmp_lo.int(), cmp_hi.int())
+
+
+def entry_ranges(starts: torch.Tensor | None, pad: int, ratio: int, doc_start: torch.Tensor, t: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visible compressed entries [lo, hi) of queries at rows t (documents starting at rows doc_start): the
+    entries of the query's document whose group is complete by t. starts [B, N]: group start rows in entry order,
+    `pad` for padding entries. All rows in one frame (the sequence's, or global under sequence parallelism)."""
     if starts is None or starts.shape[1] == 0:
         zero = torch.zeros_like(t)
-        cmp_lo = cmp_hi = zero
-    else:
-        ends = torch.where(starts < seq_len, starts + ratio - 1, torch.iinfo(torch.long).max)
-        cmp_lo = torch.searchsorted(starts.contiguous(), doc_start.contiguous(), right=False)
-        cmp_hi = torch.searchsorted(ends.contiguous(), t.contiguous(), right=True)
-    return AttentionRanges(window_lo.int(), t.int(), cmp_lo.int(), cmp_hi.int())
+        return zero, zero
+    ends = torch.where(starts < pad, starts + ratio - 1, torch.iinfo(torch.long).max)
+    cmp_lo = torch.searchsorted(starts.contiguous(), doc_start.contiguous(), right=False)
+    cmp_hi = torch.searchsorted(ends.contiguous(), t.contiguous(), right=True)
+    return cmp_lo, cmp_hi
 
 
 def reader_ranges(lo: torch.Tensor, hi: torch.Tensor, num_items: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,6 +94,15 @@ def shift_to_next_rank(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     return _ShiftToNextRank.apply(x, sp)
 
 
+def all_gather_values(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
+    """Non-differentiable: every rank's x (same shape on every rank) -> [world, *x.shape] in rank order."""
+    x = x.detach().contiguous()
+    parts = [torch.empty_like(x) for _ in range(sp.world)]
+    sp.count("all_gather_values", x, sp.world - 1)
+    dist.all_gather(parts, x, group=sp.group)
+    return torch.stack(parts)
+
+
 def all_reduce_sum(x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
     """Non-differentiable sum over the group (counts, statistics)."""
     x = x.detach().clone()

@@ -1,5 +1,7 @@
 """Worker for tests/test_sequence_parallel.py (run under torchrun, gloo): every layer type with the sequence
-sharded over all ranks equals the single-device model on the full sequence: loss and every gradient."""
+sharded over all ranks equals the single-device model on the full sequence: loss and every gradient.
+argv: shard backend out.json [documents]: with "documents", packed documents (document masking) whose
+boundaries fall inside shards and whose documents cross them."""
 
 import copy
 import json
@@ -30,7 +32,15 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     shard = int(sys.argv[1])
     backend = sys.argv[2]
+    documents = len(sys.argv) > 4 and sys.argv[4] == "documents"
     seq_len = shard * world
+    positions = None
+    if documents:  # two layouts: documents of 5, 1, 13, 4, ... and 11, 2, 7, ... tokens
+        rows = []
+        for lengths in ([5, 1, 13, 4, 9, 3, 17], [11, 2, 7, 12, 6, 1, 20]):
+            pos = torch.cat([torch.arange(n) for n in lengths * (seq_len // sum(lengths) + 1)])
+            rows.append(pos[:seq_len])
+        positions = torch.stack(rows)
     sp = SequenceParallel(group=dist.group.WORLD, rank=rank, world=world, shard_len=shard)
     results = []
     for ratios, phase in CASES:
@@ -45,12 +55,13 @@ def main() -> None:
         ids = torch.randint(0, 61, (2, seq_len + 1), generator=torch.Generator().manual_seed(1))
         inputs, labels = ids[:, :-1], ids[:, 1:]  # labels shifted on the FULL sequence, then sharded
 
-        out = ref(inputs, labels=labels)
+        out = ref(inputs, labels=labels, positions=positions)
         ref_loss = out.lm_loss + (COEF * out.indexer_loss if out.indexer_loss is not None else 0)
         ref_loss.backward()
 
         mine = slice(rank * shard, (rank + 1) * shard)
-        out_sp = model(inputs[:, mine], labels=labels[:, mine])
+        out_sp = model(inputs[:, mine], labels=labels[:, mine],
+                       positions=positions[:, mine] if positions is not None else None)
         total_tokens = all_reduce_sum(out_sp.num_tokens, sp)
         loss = out_sp.lm_loss_sum / total_tokens  # local sum / global count; gradients summed over SP ranks
         if out_sp.indexer_loss is not None:
