@@ -212,8 +212,10 @@ class _SPDocuments:
         self.kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1) if halo else kv
         t = torch.arange(seq_len, device=x.device)[None].expand(batch, -1)
         row = halo + t  # our tokens' rows among the K=V rows
-        # the window stops at the document start (on rank 0 that is never before our rows: positions restart there)
+        # the window stops at the document start
         window_lo = torch.maximum(row - window + 1, row - positions)
+        if sp.rank == 0:  # the first rank's halo holds the last rank's rows: never visible
+            window_lo = window_lo.clamp(min=halo)
         self.x_prefixed = self.positions_prefixed = self.local_starts = None
         cmp_lo = cmp_hi = torch.zeros_like(t)
         if r:
@@ -234,6 +236,10 @@ class _SPDocuments:
             local = F.pad(local, (0, max(0, width - local.shape[1])), value=n_rows)[:, :width]
             self.local_starts = local
             total_rows = sp.world * seq_len
+            self.index = torch.zeros(batch, 0, dtype=torch.long, device=x.device)
+            if width == 0:  # no complete group on any rank (every rank knows: the counts are shared)
+                self.ranges = AttentionRanges(window_lo.int(), row.int(), cmp_lo.int(), cmp_hi.int())
+                return
             global_starts = all_gather_values(torch.where(local < n_rows, local - prefix + sp.start, total_rows), sp)
             # compaction: for each batch row, rank k's first counts[k] entries, in rank order
             j = torch.arange(width, device=x.device)

@@ -407,7 +407,7 @@ def _dk_sparse(q, ckv, idx, do, lse, delta, cfg: dict, scale: float):
     batch, seq_len, n_heads, dim = q.shape
     n_entries, k = ckv.shape[1], idx.shape[-1]
     dckv = _new((batch, n_entries, dim), q, torch.float32)
-    chunk = max(1, min(seq_len, DK_BUFFER_BYTES // (batch * k * dim * 4)))
+    chunk = max(1, min(seq_len, DK_BUFFER_BYTES // max(1, batch * k * dim * 4)))
     for t0 in range(0, seq_len, chunk):
         n_q = min(chunk, seq_len - t0)
         grads = _new((batch, n_q, k, dim), q, torch.float32)
