@@ -24,6 +24,7 @@ from dsv4.ops.v4_attention.triton import (
     _load_rows,
     _new,
     _picked_block,
+    _range_block,
     _segment_sum_kernel,
     inverse_index,
 )
@@ -38,11 +39,9 @@ def _index_scores_kernel(
     i_n, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < T
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    b_k = _load_rows(IK + i_b * stride_kb, o_n, stride_kn, o_c, m_n, m_c, UPCAST)  # [BN, BC]
+    o_n, m_n, b_k = _range_block(IK + i_b * stride_kb, i_n * BLOCK_N, N, stride_kn, o_c, m_c, UPCAST, BLOCK_N)
     acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
     for h in range(NH):
         b_q = _load_rows(IQ + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_c, m_t, m_c, UPCAST)
@@ -96,11 +95,9 @@ def _index_scores_bwd_k_kernel(
     C: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):
     i_n, i_b = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
     o_c = tl.arange(0, BLOCK_C)
     m_c = o_c < C
-    b_k = _load_rows(IK + i_b * stride_kb, o_n, stride_kn, o_c, m_n, m_c, UPCAST)
+    o_n, m_n, b_k = _range_block(IK + i_b * stride_kb, i_n * BLOCK_N, N, stride_kn, o_c, m_c, UPCAST, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for t0 in range(0, T, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
@@ -126,11 +123,9 @@ def _teacher_dense_kernel(
     i_n, i_t, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     m_t = o_t < T
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_k = _load_rows(CKV + i_b * stride_cb, o_n, stride_cn, o_d, m_n, m_d, UPCAST)
+    o_n, m_n, b_k = _range_block(CKV + i_b * stride_cb, i_n * BLOCK_N, N, stride_cn, o_d, m_d, UPCAST, BLOCK_N)
     acc = tl.zeros([BLOCK_T, BLOCK_N], tl.float32)
     for h in range(H):
         b_q = _load_rows(Q + i_b * stride_qb + h * stride_qh, o_t, stride_qt, o_d, m_t, m_d, UPCAST)

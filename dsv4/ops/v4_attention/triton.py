@@ -237,11 +237,9 @@ def _attn_bwd_dk_ranged_kernel(
     partial sum to DKEYS[seg, b] (a reader span of a whole sequence would leave most of the GPU idle)."""
     i_n, i_seg = tl.program_id(0), tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < NK
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_k = _load_rows(KEYS + i_b * stride_kb, o_n, stride_ks, o_d, m_n, m_d, UPCAST)
+    o_n, m_n, b_k = _range_block(KEYS + i_b * stride_kb, i_n * BLOCK_N, NK, stride_ks, o_d, m_d, UPCAST, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_blocks = tl.cdiv(NK, BLOCK_N)
     t_first = tl.maximum(tl.load(RFIRST + i_b * n_blocks + i_n), i_seg * SEG_LEN)
