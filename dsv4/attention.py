@@ -168,19 +168,13 @@ class V4Attention(nn.Module):
         if seq_len < max(halo, self.ratio):
             raise ValueError(f"sequence parallelism: shard length {seq_len} must be >= sliding_window - 1 "
                              f"({halo}) and >= the compression ratio ({self.ratio})")
-        if halo:
-            kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1)
+        kv, row, window_lo = _halo_and_window(kv, sp, window)
         x_prefixed = None
         if self.ratio == CSA_RATIO:  # the first entry's lookback series comes from the previous rank's last group
             x_prefixed = torch.cat((shift_to_next_rank(x[:, seq_len - self.ratio:], sp), x), dim=1)
-        t = torch.arange(seq_len, device=x.device)
-        row = halo + t  # our tokens' rows in the K=V rows
-        window_lo = row - window + 1
-        if sp.rank == 0:  # the first rank's halo holds the last rank's rows: never visible
-            window_lo = window_lo.clamp(min=halo)
+        t = row - halo
         cmp_hi = (sp.start + t + 1) // self.ratio if self.ratio else torch.zeros_like(t)
-        expand = lambda v: v.int()[None].expand(batch, -1)  # noqa: E731
-        ranges = AttentionRanges(expand(window_lo), expand(row), expand(torch.zeros_like(t)), expand(cmp_hi))
+        ranges = AttentionRanges(window_lo.int(), row.int(), torch.zeros_like(t).int(), cmp_hi.int())
         return kv, x_prefixed, ranges
 
     def _local_entries(self, x, x_prefixed, start_pos: int, sp) -> torch.Tensor:
@@ -188,6 +182,23 @@ class V4Attention(nn.Module):
             return self.compressor(x, self.rotary, start_pos)
         return self.compressor(x_prefixed, self.rotary, start_pos - self.ratio, prefix=True,
                                prefix_valid=sp.rank > 0)
+
+
+def _halo_and_window(kv: torch.Tensor, sp, window: int, doc_positions: torch.Tensor | None = None):
+    """Sequence parallelism: K=V rows [previous rank's last window-1 rows | ours] -> (those rows, our queries' rows
+    among them [B, L], the first row of each query's window [B, L]). The window stops at the document start when
+    doc_positions are given; on rank 0 the halo holds the last rank's rows and is never visible."""
+    batch, seq_len, _ = kv.shape
+    halo = window - 1
+    if halo:
+        kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1)
+    row = halo + torch.arange(seq_len, device=kv.device)[None].expand(batch, -1)
+    window_lo = row - window + 1
+    if doc_positions is not None:
+        window_lo = torch.maximum(window_lo, row - doc_positions)
+    if sp.rank == 0:
+        window_lo = window_lo.clamp(min=halo)
+    return kv, row, window_lo
 
 
 class _SPDocuments:
@@ -209,13 +220,8 @@ class _SPDocuments:
             raise ValueError(f"sequence parallelism with document masking: shard length {seq_len} must be >= "
                              f"sliding_window - 1 ({halo}), the ratio ({r}) and the compressor prefix ({prefix})")
         self.sp = sp
-        self.kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1) if halo else kv
-        t = torch.arange(seq_len, device=x.device)[None].expand(batch, -1)
-        row = halo + t  # our tokens' rows among the K=V rows
-        # the window stops at the document start
-        window_lo = torch.maximum(row - window + 1, row - positions)
-        if sp.rank == 0:  # the first rank's halo holds the last rank's rows: never visible
-            window_lo = window_lo.clamp(min=halo)
+        self.kv, row, window_lo = _halo_and_window(kv, sp, window, positions)
+        t = row - halo
         self.x_prefixed = self.positions_prefixed = self.local_starts = None
         cmp_lo = cmp_hi = torch.zeros_like(t)
         if r:
