@@ -25,8 +25,7 @@ from dsv4.ops.v4_attention.triton import (
     _new,
     _picked_block,
     _range_block,
-    _segment_sum_kernel,
-    inverse_index,
+    sum_per_entry,
 )
 
 
@@ -390,10 +389,7 @@ def pick_scores_bwd_op(grad: torch.Tensor, index_q: torch.Tensor, index_k: torch
     per_pick = _new((batch, n_q, k, width), index_q, torch.float32)
     _pick_scores_bwd_k_kernel[(n_q, batch)](index_q, index_k, weights, picks, grad, per_pick, *args, **cfg)
     dk = _new((batch, n_entries, width), index_k, torch.float32)
-    if n_entries:
-        offsets, slots = inverse_index(picks, n_entries)  # each entry sums its picks in query order
-        _segment_sum_kernel[(n_entries, batch)](per_pick, offsets, slots, dk, n_entries, n_q * k, 0, D=width,
-                                                BLOCK_D=cfg["BLOCK_C"], BLOCK_R=16)
+    sum_per_entry(per_pick, picks, dk, accumulate=False)  # each entry sums its picks in query order
     return dq, dk.to(index_k.dtype), dw.to(weights.dtype)
 
 

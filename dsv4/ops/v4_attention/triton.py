@@ -383,6 +383,18 @@ def inverse_index(idx: torch.Tensor, num_entries: int) -> tuple[torch.Tensor, to
     return offsets, slot[order].to(torch.int32).contiguous()
 
 
+def sum_per_entry(per_pick: torch.Tensor, picks: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
+    """Deterministic scatter-add: out[b, e] (=, or += when accumulate) the sum of per_pick[b, t, j] over the picks
+    (t, j) with picks[b, t, j] = e, in query order. per_pick [B, T, k, W] fp32, picks [B, T, k], out [B, N, W] fp32."""
+    batch, n_entries, width = out.shape
+    if n_entries == 0:
+        return
+    offsets, slots = inverse_index(picks, n_entries)
+    _segment_sum_kernel[(n_entries, batch)](per_pick, offsets, slots, out, n_entries, picks.shape[1] * picks.shape[2],
+                                            int(accumulate), D=width, BLOCK_D=max(16, triton.next_power_of_2(width)),
+                                            BLOCK_R=16)
+
+
 def _dk_ranged(q, keys, do, lse, delta, lo, hi, hi_exclusive: bool, cfg: dict, scale: float, n_segments: int):
     """Deterministic dK=V of raw rows (window) or dense entries: fp32 [B, NK, D]."""
     from dsv4.ops.ranges import reader_ranges
@@ -412,9 +424,7 @@ def _dk_sparse(q, ckv, idx, do, lse, delta, cfg: dict, scale: float):
         _attn_bwd_pick_grad_kernel[(n_q, batch)](
             q, ckv, idx, do, lse, delta, grads, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0),
             ckv.stride(1), idx.stride(0), idx.stride(1), seq_len, n_heads, k, t0, n_q, scale, **cfg)
-        offsets, slots = inverse_index(idx[:, t0:t0 + n_q], n_entries)
-        _segment_sum_kernel[(n_entries, batch)](
-            grads, offsets, slots, dckv, n_entries, n_q * k, int(t0 > 0), D=dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_R=16)
+        sum_per_entry(grads, idx[:, t0:t0 + n_q], dckv, accumulate=t0 > 0)
     return dckv
 
 
