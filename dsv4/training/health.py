@@ -3,6 +3,7 @@ trained on (to compare data order between runs), and a digest of each rank's par
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -31,12 +32,12 @@ def param_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, param in sorted(module.named_parameters(), key=lambda kv: kv[0]):
         h.update(name.encode())
+        gather = contextlib.nullcontext()
         if hasattr(param, "ds_id"):  # a ZeRO-3 partition: gather the whole parameter for the digest
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-                h.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        else:
+            gather = deepspeed.zero.GatheredParameters([param], modifier_rank=None)
+        with gather:
             h.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
