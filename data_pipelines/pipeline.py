@@ -81,8 +81,7 @@ def prepare_data(data: Any) -> DataPlan:
                     prefetch_factor=int(data.prefetch_factor), worker_start=str(data.worker_start),
                     shuffle_buffer=int(data.shuffle_buffer),
                     cross_document_attention=bool(data.cross_document_attention), seed=data.seed,
-                    shuffle_files=bool(getattr(data, "shuffle_files", True)),
-                    mix_by=str(getattr(data, "mix_by", "documents")))
+                    shuffle_files=bool(data.shuffle_files), mix_by=str(data.mix_by))
 
 
 class LanePipeline:
