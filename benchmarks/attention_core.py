@@ -53,7 +53,7 @@ def spread_picks(seq_len: int, ratio: int, k: int, device, gen) -> torch.Tensor:
     return torch.where(picks < visible[:, None], picks, -1)[None].int()
 
 
-def pairs_and_rows(mode: str, seq_len: int, window: int, ratio: int, k: int) -> float:
+def attended_pairs(mode: str, seq_len: int, window: int, ratio: int, k: int) -> float:
     t = torch.arange(seq_len, dtype=torch.float64)
     keys = torch.clamp(t + 1, max=window)
     if mode != "window":
@@ -145,7 +145,7 @@ def main() -> None:
             picks = spread_picks(seq_len, 4, topk, device, gen) if mode == "csa" else None
             ranges = causal_ranges(1, seq_len, window, ratio, device)
             grad_out = torch.randn(1, seq_len, heads, dim, generator=gen).to(device, dtype)
-            pairs = pairs_and_rows(mode, seq_len, window, ratio, topk)
+            pairs = attended_pairs(mode, seq_len, window, ratio, topk)
             fwd_flops = 4 * heads * dim * pairs
             qo = seq_len * heads * dim * elem
             fwd_bytes = 2 * qo + pairs * dim * elem + (picks.numel() * 4 if picks is not None else 0)
