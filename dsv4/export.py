@@ -20,13 +20,11 @@ from pathlib import Path
 import torch
 
 from dsv4.config import ConfigError, ModelConfig
+from dsv4.loading import CONFIG, WEIGHTS
 from dsv4.model import DSV4Model, build_model
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
 
-
-def _resolve(path: Path) -> tuple[Path, str]:
+def resolve_checkpoint(path: Path) -> tuple[Path, str]:
     """(checkpoints dir, tag) for a checkpoints dir (its `latest`), a tag dir, or a run dir."""
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -37,7 +35,7 @@ def _resolve(path: Path) -> tuple[Path, str]:
     raise ConfigError(f"{path}: not a checkpoint directory (no 'latest' and no *model_states.pt)")
 
 
-def _model_config(ckpt_dir: Path, tag: str) -> ModelConfig:
+def checkpoint_model_config(ckpt_dir: Path, tag: str) -> ModelConfig:
     from dsv4.training.checkpointing import MODEL_CONFIG
 
     stored = ckpt_dir / tag / MODEL_CONFIG
@@ -54,8 +52,15 @@ def _model_config(ckpt_dir: Path, tag: str) -> ModelConfig:
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of a DeepSpeed checkpoint (ZeRO 0-3)."""
+    """Full fp32 state dict of a DeepSpeed checkpoint (ZeRO 0-3). A checkpoint whose manifest does not verify is
+    refused (ConfigError naming the file)."""
+    from dsv4.training.checkpointing import MANIFEST, verify_checkpoint
+
     tag_dir = ckpt_dir / tag
+    if (tag_dir / MANIFEST).is_file():
+        problem = verify_checkpoint(tag_dir)
+        if problem is not None:
+            raise ConfigError(f"{tag_dir}: damaged checkpoint: {problem}")
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -72,8 +77,8 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write model.safetensors + config.json for `checkpoint`; returns the output directory."""
     from safetensors.torch import save_file
 
-    ckpt_dir, tag = _resolve(Path(checkpoint))
-    cfg = _model_config(ckpt_dir, tag)
+    ckpt_dir, tag = resolve_checkpoint(Path(checkpoint))
+    cfg = checkpoint_model_config(ckpt_dir, tag)
     state = consolidated_state_dict(ckpt_dir, tag)
     expected = {name for name, _ in DSV4Model(cfg).named_parameters()}
     missing = sorted(expected - set(state))
@@ -83,11 +88,22 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(ckpt_dir / tag)})
     (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
+    _save_tokenizer(ckpt_dir.parent, out)
     return out
 
 
+def _save_tokenizer(run_dir: Path, out: Path) -> None:
+    """The run's tokenizer beside the weights (tokenizer.json + its EOS token), so the export is self-contained."""
+    from dsv4.loading import TOKENIZER, TOKENIZER_CONFIG, ModelSource, _load_tokenizer, _run_config
+
+    tokenizer, eos_id = _load_tokenizer(ModelSource("checkpoint", out, run_dir), _run_config(run_dir))
+    tokenizer.save(str(out / TOKENIZER))
+    (out / TOKENIZER_CONFIG).write_text(json.dumps({"eos_token": tokenizer.id_to_token(eos_id)}, indent=2))
+
+
 def load_exported(path: str | Path, backend: str = "auto", phase: str = "sparse") -> DSV4Model:
-    """The model of an exported directory: dsv4.build_model(config.json) with model.safetensors loaded (strict)."""
+    """The model of an exported directory: dsv4.build_model(config.json) with model.safetensors loaded (strict).
+    dsv4.loading.load_model takes any of a run, checkpoint or export directory and returns the tokenizer too."""
     from safetensors.torch import load_file
 
     path = Path(path)

@@ -1,0 +1,160 @@
+"""One loader for everything that runs a trained model (generate, evaluate, the lm-eval backend, export).
+
+    from dsv4.loading import load_model
+    loaded = load_model("outputs/exp1")        # a run dir, its checkpoints/ dir, one stepNNNNNNN/ dir,
+    loaded.model, loaded.tokenizer, loaded.eos_id   # or a `python -m dsv4.export` directory
+
+What each path means:
+- an export directory (config.json + model.safetensors, written by `python -m dsv4.export`): the weights and
+  config stored there, and the tokenizer.json saved beside them (older exports: the bundled tokenizer);
+- a run directory or its checkpoints/ directory: the checkpoint named in `latest`;
+- a checkpoint tag directory (stepNNNNNNN/): that checkpoint.
+For checkpoints the model config comes from the checkpoint's model_config.json and the tokenizer from the
+run's config.yaml (data.tokenizer / data.eos_token), so a model is always read with the tokenizer it was
+trained on. Every mistake (no such path, a directory holding no model, weights that do not match the config,
+a tokenizer larger than the model's vocabulary) raises ConfigError naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv4.config import ConfigError, ModelConfig
+from dsv4.model import DSV4Model
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"  # {"eos_token": ...} beside an export's tokenizer.json
+
+
+@dataclass
+class ModelSource:
+    """Where a model's weights are: an export directory, or a DeepSpeed checkpoint (directory + tag)."""
+    kind: str  # "export" | "checkpoint"
+    path: Path  # the export directory, or the checkpoint tag directory
+    run_dir: Path | None  # the training run it came from, when known
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+@dataclass
+class LoadedModel:
+    model: DSV4Model  # in eval mode
+    config: ModelConfig
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_id: int
+    source: ModelSource
+    run_config: Any = None  # the run's composed config (OmegaConf) when the run directory is known
+
+
+def is_export_dir(path: Path) -> bool:
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+def find_source(path: str | Path, key: str = "path") -> ModelSource:
+    """Resolve a user's path to a model source; ConfigError (naming `key`) when it holds no model."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key}: no such file or directory: {path}")
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {path} is a file; give a run directory, a checkpoint directory or an export "
+                          f"directory (with {CONFIG} and {WEIGHTS})")
+    if is_export_dir(path):
+        return ModelSource("export", path, None)
+    from dsv4.export import resolve_checkpoint
+
+    try:
+        ckpt_dir, tag = resolve_checkpoint(path)
+    except ConfigError:
+        raise ConfigError(f"{key}: {path} holds no model: not an export directory ({CONFIG} + {WEIGHTS}) and "
+                          "not a run or checkpoint directory (checkpoints/latest or *model_states.pt). Train "
+                          "with train.save_interval or let the run finish, then pass its run directory") from None
+    tag_dir = ckpt_dir / tag
+    if not tag_dir.is_dir():
+        raise ConfigError(f"{key}: {ckpt_dir / 'latest'} names checkpoint {tag!r}, which does not exist")
+    return ModelSource("checkpoint", tag_dir, ckpt_dir.parent)
+
+
+def _run_config(run_dir: Path | None):
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(run_dir / "config.yaml")
+
+
+def _load_tokenizer(source: ModelSource, run_config) -> tuple[Any, int]:
+    from data_pipelines import DataError
+    from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
+
+    if source.kind == "export" and (source.path / TOKENIZER).is_file():
+        meta_path = source.path / TOKENIZER_CONFIG
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        spec = TokenizerSpec(str(source.path / TOKENIZER), meta.get("eos_token"))
+    elif run_config is not None and "data" in run_config:
+        spec = TokenizerSpec(run_config.data.get("tokenizer"), run_config.data.get("eos_token"))
+    else:  # an export or checkpoint without its run: the bundled tokenizer, which the defaults train with
+        spec = TokenizerSpec(None, None)
+    try:
+        tokenizer = load_tokenizer(spec)
+        return tokenizer, eos_id_of(tokenizer, spec)
+    except DataError as e:
+        raise ConfigError(f"{source.label}: the model's tokenizer cannot be loaded ({e})") from None
+
+
+def _state_dict(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if source.kind == "export":
+        from safetensors.torch import load_file
+
+        try:
+            cfg = ModelConfig.from_dict(json.loads((source.path / CONFIG).read_text()), prefix=CONFIG)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{source.path / CONFIG}: not a valid model config ({e})") from None
+        return cfg, load_file(str(source.path / WEIGHTS))
+    from dsv4.export import checkpoint_model_config, consolidated_state_dict
+
+    ckpt_dir, tag = source.path.parent, source.path.name
+    cfg = checkpoint_model_config(ckpt_dir, tag)
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's merge prints progress: keep stdout for results
+        return cfg, consolidated_state_dict(ckpt_dir, tag)
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
+    """ConfigError naming the first parameter that is missing, unexpected or of another shape."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(name for name in set(expected) & set(state)
+                   if tuple(expected[name].shape) != tuple(state[name].shape))
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                  f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the config gives {tuple(expected[wrong[0]].shape)}")
+        raise ConfigError(f"{label}: the weights do not match the model config stored with them ({detail}; "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape)")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               backend: str = "auto", key: str = "path") -> LoadedModel:
+    """The model at `path` (see the module docstring) in eval mode on `device` in `dtype`, with its tokenizer."""
+    source = find_source(path, key)
+    run_config = _run_config(source.run_dir)
+    cfg, state = _state_dict(source)
+    model = DSV4Model(cfg, backend=backend, phase="sparse")
+    check_state_dict(model, state, source.label)
+    model.load_state_dict(state, strict=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    tokenizer, eos_id = _load_tokenizer(source, run_config)
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise ConfigError(f"{source.label}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "
+                          f"model's vocab_size ({cfg.vocab_size}); this model was not trained with it")
+    return LoadedModel(model, cfg, tokenizer, eos_id, source, run_config)
