@@ -14,9 +14,57 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class TrainSettings:
+    """The train.* keys that shape what the data pipeline produces."""
+    seq_len: int = 512
+    micro_batch_size: int = 8
+    seed: int = 1234
+    eval_batches: int = 4
+
+
+def load_config(overrides: list[str]):
+    """(DataConfig, TrainSettings) composed from conf/ like train.py does; every mistake a DataError naming it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from data_pipelines.config import DataConfig, check_data_config, typed
+    from data_pipelines.packed import DataError
+
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise DataError(f"{' '.join(overrides) or 'config'}: {_hydra_message(str(e))}") from None
+    data = typed(DataConfig, cfg.data, "data")
+    check_data_config(data)
+    keys = [f.name for f in fields(TrainSettings)]
+    train = typed(TrainSettings, OmegaConf.masked_copy(cfg.train, keys), "train")
+    for key in keys:
+        if key != "seed" and getattr(train, key) < 1:
+            raise DataError(f"train.{key}={getattr(train, key)!r}: must be >= 1")
+    return data, train
+
+
+def _hydra_message(text: str) -> str:
+    """Hydra's multi-line error in one line: the problem, and the options it lists (not its search path)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Available options"):
+        options = []
+        for line in lines[2:]:
+            if line.endswith(":"):
+                break
+            options.append(line)
+        return f"{lines[0]} (choose one of: {', '.join(options)})"
+    return " ".join(lines[:2])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,27 +75,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chars", type=int, default=600, help="characters shown per sequence (default 600)")
     args = parser.parse_intermixed_args(argv)
 
-    from hydra import compose, initialize_config_dir
-
     from data_pipelines.packed import DataError
     from data_pipelines.pipeline import StreamingData, describe_stats, prepare_data
     from data_pipelines.tokenizer import load_tokenizer
-    from dsv4.config import ConfigError
-    from dsv4.training.config import resolve_config
 
     overrides = [a if "=" in a else f"data={a}" for a in args.config]
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = compose("config", overrides=overrides)
-        run = resolve_config(cfg)
-        run.data.num_workers = 0
-        plan = prepare_data(run.data)
-        data = StreamingData(plan, run.train.seq_len, run.train.micro_batch_size, run.train.seed, 0, 1)
+        data_config, train = load_config(overrides)
+        data_config.num_workers = 0
+        plan = prepare_data(data_config)
+        data = StreamingData(plan, train.seq_len, train.micro_batch_size, train.seed, 0, 1)
         tokenizer = load_tokenizer(plan.tokenizer)
         batches = data.batches()
         print(f"data: {plan.describe()}")
         print(f"tokenizer {plan.tokenizer.label} (vocab {plan.vocab_size}, EOS id {plan.eos_id}) | "
-              f"sequences of {run.train.seq_len} tokens, micro-batch {run.train.micro_batch_size} | "
+              f"sequences of {train.seq_len} tokens, micro-batch {train.micro_batch_size} | "
               f"cross_document_attention={plan.cross_document_attention}")
         shown = 0
         docs_per_seq: list[int] = []
@@ -72,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         tokens = sum(stats["tokens"].values())
         docs = sum(stats["docs"].values())
         n_seq = len(docs_per_seq)
-        print(f"\nread {n_seq} sequences ({n_seq * run.train.seq_len:,} tokens) from {docs:,} documents "
+        print(f"\nread {n_seq} sequences ({n_seq * train.seq_len:,} tokens) from {docs:,} documents "
               f"({tokens:,} tokens incl. EOS, {tokens / max(docs, 1):,.0f} per document); "
               f"{sum(docs_per_seq) / max(n_seq, 1):.2f} document segments per sequence")
         print(f"mixture (realised / weight): {describe_stats(stats, plan)}")
-        val = data.val_batches(run.train.eval_batches)
+        val = data.val_batches(train.eval_batches)
         print(f"validation: {sum(v['input_ids'].shape[0] for v in val)} held-out sequences "
-              f"(train.eval_batches={run.train.eval_batches})")
-    except (ConfigError, DataError) as e:
+              f"(train.eval_batches={train.eval_batches})")
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -35,6 +35,10 @@ class DataError(RuntimeError):
 
 def read_documents(path: Path, key: str = "data.path") -> list[str]:
     """Documents of a .txt or .txt.gz file, separated by lines holding exactly <|doc|>."""
+    if path.is_dir():
+        raise DataError(f"{key}: {path} is a directory; give one .txt or .txt.gz file (documents separated by lines "
+                        f"holding {DOC_SEPARATOR}), or read the directory's files with data=jsonl_example "
+                        f"data.sources.0.path='{path}/*.jsonl' (or *.parquet, *.txt)")
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
     try:

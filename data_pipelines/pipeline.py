@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,11 @@ class _LaneDataset(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
+        if info is not None:
+            # the training process stops its workers: a Ctrl-C to the terminal's process group, or a launcher's
+            # SIGTERM to the whole process tree, must not kill them while the trainer finishes its step
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lanes = len(self.lane_states)
         local = (self.first_lane + (info.id if info is not None else 0)) % lanes
         try:

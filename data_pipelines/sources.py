@@ -164,6 +164,8 @@ def check_file(path: str, fmt: str, key: str, text_field: str) -> None:
         if fmt == "json" and head.lstrip()[:1] == b"[":
             raise DataError(f"{key}.path: {path} is a JSON array; give JSON lines (one object per line), "
                             "e.g. `jq -c '.[]' in.json > out.jsonl`")
+        if fmt == "json":
+            _check_text_field(head, path, key, text_field)
         try:
             head.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -175,6 +177,30 @@ def check_file(path: str, fmt: str, key: str, text_field: str) -> None:
         raise DataError(f"{key}.path: {path} is not UTF-8 text ({e})") from None
     except Exception as e:  # OSError, gzip.BadGzipFile, lzma.LZMAError, pyarrow.ArrowInvalid, ...
         raise DataError(f"{key}.path: cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def _check_text_field(head: bytes, path: str, key: str, text_field: str) -> None:
+    """JSON lines whose first rows all lack a string `text_field`: stop before training, naming the field and the
+    keys the rows have (a few such rows among good ones are skipped and counted while training)."""
+    lines = head.decode("utf-8", errors="ignore").splitlines()
+    if len(head) >= 1 << 16:
+        lines = lines[:-1]  # cut at the 64 KiB mark
+    rows = []
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+    if not rows or any(isinstance(row.get(text_field), str) for row in rows):
+        return
+    with_field = [row for row in rows if text_field in row]
+    found = sorted({k for row in rows for k in row})
+    why = (f"is a {type(with_field[0][text_field]).__name__}, not a string," if with_field else "is missing")
+    raise DataError(f"{key}.text_field={text_field!r}: the field {why} in every one of the first {len(rows)} rows "
+                    f"of {path} (keys found: {', '.join(found[:20])}); set {key}.text_field to the key holding the "
+                    "text")
 
 
 # ---------------------------------------------------------------- opening a source as a streaming dataset
@@ -249,6 +275,7 @@ class DocumentStream:
         self.epoch: int = state.get("epoch", 0)
         self.epoch_docs: int = state.get("epoch_docs", 0)
         self.skipped: dict[str, int] = {k: int(state.get("skipped", {}).get(k, 0)) for k in SKIP_KINDS}
+        self.first_skipped: str | None = None  # what the first skipped row of this process looked like
         self._resume_hf: dict | None = state.get("hf")
         self._dataset: Any = None
         self._rows: Iterator[dict] | None = None
@@ -282,7 +309,8 @@ class DocumentStream:
                     return None
                 if self.epoch_docs == 0:
                     raise DataError(f"{self.spec.key} ({self.spec.name}): data lane {self.lane} of {self.num_lanes} "
-                                    f"got no usable document in epoch {self.epoch} (skipped: {self.skipped}); "
+                                    f"got no usable document in epoch {self.epoch} (skipped: {self.skipped}"
+                                    f"{'; first: ' + self.first_skipped if self.first_skipped else ''}); "
                                     "the source is empty or too small for this many ranks x data.num_workers") from None
                 self.epoch, self.epoch_docs, self._rows, self._dataset = self.epoch + 1, 0, None, None
                 continue
@@ -305,6 +333,7 @@ class DocumentStream:
             raise DataError(f"{self.spec.key} ({self.spec.name}): {detail}; set data.on_bad_row=skip to skip "
                             "and count such rows")
         self.skipped[kind] += 1
+        self.first_skipped = self.first_skipped or detail
 
     def _text_of(self, row: dict) -> str | None:
         """The document text of a row, or None (counted) for a malformed, text-less or empty row."""
@@ -324,7 +353,9 @@ class DocumentStream:
         field = "text" if self.spec.format in ("bundled", "text") else self.spec.text_field
         text = row.get(field)
         if not isinstance(text, str):
-            self._bad("missing_field", f"row without a text field {field!r} (keys: {', '.join(list(row)[:10])})")
+            what = "without" if field not in row else f"whose {field!r} is a {type(text).__name__}, not a string; a"
+            self._bad("missing_field", f"row {what} text field {field!r} (keys: {', '.join(list(row)[:10])}; "
+                                       f"{self.spec.key}.text_field names it)")
             return None
         if not text.strip():
             self.skipped["empty"] += 1  # empty documents are always skipped

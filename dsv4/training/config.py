@@ -4,12 +4,18 @@ or unknown value stops the run before training with an error that names the key.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines.config import (  # noqa: F401 (SourceConfig: importable here with the run's other configs)
+    DataConfig,
+    SourceConfig,
+    check_data_config,
+    typed,
+)
+from data_pipelines.packed import DataError
 from dsv4.config import CSA_RATIO, DENSE, WINDOW, ConfigError, ModelConfig
 
 LAYOUTS = ("window", "csa", "hca", "dense", "v4_flash", "v4_pro")
@@ -31,44 +37,6 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     overlap_comm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed JSON config
-
-
-SOURCE_KINDS = ("bundled", "files", "hub")
-FILE_FORMATS = ("auto", "json", "parquet", "text")
-
-
-@dataclass
-class SourceConfig:
-    """One data source of a (mixture) stream; `kind` says which keys apply."""
-    kind: str = "files"  # bundled (a <|doc|>-separated .txt/.txt.gz) | files (json/jsonl/parquet/text globs) | hub
-    name: str | None = None  # label in logs and proportions; default: derived from path / hub name
-    path: Any = None  # files: a glob or list of globs; bundled: a file (null: the bundled corpus)
-    format: str = "auto"  # files: auto (from the extension) | json (JSON lines) | parquet | text
-    sample_by: str = "document"  # text files: document (a file) | paragraph (blank-line separated) | line
-    hub: str | None = None  # hub: dataset name on the Hugging Face Hub (needs network)
-    hub_config: str | None = None  # hub: the dataset's config name
-    split: str = "train"  # hub: the split to stream
-    text_field: str = "text"  # json / parquet / hub: the column holding the document text
-    weight: float = 1.0  # mixture weight (relative; proportions of documents)
-    val_path: Any = None  # files: held-out files for validation (null: hold out by val_fraction)
-
-
-@dataclass
-class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)  # empty: one bundled source (data.path)
-    path: str | None = None  # bundled source: null = the bundled corpus; else a .txt / .txt.gz (<|doc|> separated)
-    tokenizer: str | None = None  # null: the bundled tokenizer; a tokenizer.json path; or a Hub tokenizer name
-    eos_token: str | None = None  # null: the first of <|endoftext|>, </s>, <eos>, <|end_of_text|> in the vocab
-    val_fraction: float = 0.02  # documents held out for validation (bundled: every Nth; files/hub: by text hash)
-    cross_document_attention: bool = True  # false: attention stays inside each packed document
-    num_workers: int = 1  # DataLoader worker processes that tokenize and pack (0: in the training process)
-    prefetch_factor: int = 4  # micro-batches each worker prepares ahead
-    worker_start: str = "forkserver"  # forkserver | spawn | fork (fork breaks under W&B's import hooks)
-    shuffle_buffer: int = 256  # packed sequences each worker draws from at random (0: stream order)
-    shuffle_files: bool = True  # train: each source's files (shards) read in a new seeded order every epoch
-    mix_by: str = "documents"  # what data.sources[*].weight proportions count: documents | tokens
-    on_bad_row: str = "skip"  # skip (and count) | raise: malformed rows and rows without the text field
-    seed: int | None = None  # mixture and shuffle seed; null: train.seed
 
 
 @dataclass
@@ -137,14 +105,7 @@ class RunConfig:
 
 
 def _typed(schema: type, node: Any, prefix: str):
-    """Merge a config node into a dataclass schema; unknown keys and wrong types name the key."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-        return OmegaConf.to_object(merged)
-    except Exception as e:  # omegaconf errors carry full_key
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"{prefix}.{key}: {msg}" if key else f"{prefix}: {msg}") from None
+    return typed(schema, node, prefix, error=ConfigError)
 
 
 def apply_layout(model: dict[str, Any], attention: AttentionConfig) -> list[int]:
@@ -210,7 +171,11 @@ def _check(run: RunConfig) -> None:
     need(d.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", d.zero_stage, "choose 0, 1, 2 or 3")
     need(d.precision in ("auto", "bf16", "fp32"), "deepspeed.precision", d.precision,
          "choose auto, bf16 or fp32 (fp16 is not supported: V4's sink and compressor need bf16/fp32 range)")
-    _check_data(run.data, need)
+    _check_deepspeed_extra(d.extra, need)
+    try:
+        check_data_config(run.data)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
     for key in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_batches"):
         need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     need(t.lr > 0, "train.lr", t.lr, "must be > 0")
@@ -236,47 +201,46 @@ def _check(run: RunConfig) -> None:
          "choose auto, online, offline or disabled")
 
 
-def _check_data(data: DataConfig, need) -> None:
-    """Data keys only: value ranges and which keys each source kind needs (files are checked by the pipeline)."""
-    need(0 < data.val_fraction < 0.5, "data.val_fraction", data.val_fraction, "must be in (0, 0.5)")
-    need(data.num_workers >= 0, "data.num_workers", data.num_workers, "must be >= 0 (0: no worker processes)")
-    need(data.prefetch_factor >= 1, "data.prefetch_factor", data.prefetch_factor, "must be >= 1")
-    need(data.worker_start in ("forkserver", "spawn", "fork"), "data.worker_start", data.worker_start,
-         "choose forkserver, spawn or fork")
-    need(data.shuffle_buffer >= 0, "data.shuffle_buffer", data.shuffle_buffer, "must be >= 0 (0: stream order)")
-    need(data.mix_by in ("documents", "tokens"), "data.mix_by", data.mix_by, "must be documents or tokens")
-    need(data.on_bad_row in ("skip", "raise"), "data.on_bad_row", data.on_bad_row, "choose skip or raise")
-    need(not (data.sources and data.path), "data.path", data.path,
-         "set either data.path (one bundled-format file) or data.sources, not both")
-    names: set[str] = set()
-    for i, src in enumerate(data.sources):
-        key = f"data.sources[{i}]"
-        need(src.kind in SOURCE_KINDS, f"{key}.kind", src.kind, f"choose one of {', '.join(SOURCE_KINDS)}")
-        need(src.weight > 0 and math.isfinite(src.weight), f"{key}.weight", src.weight, "must be > 0")
-        need(src.format in FILE_FORMATS, f"{key}.format", src.format, f"choose one of {', '.join(FILE_FORMATS)}")
-        need(src.sample_by in ("document", "paragraph", "line"), f"{key}.sample_by", src.sample_by,
-             "choose document, paragraph or line")
-        need(bool(src.text_field), f"{key}.text_field", src.text_field, "name the column holding the text")
-        if src.kind == "files":
-            need(_globs(src.path) is not None, f"{key}.path", src.path, "give a file glob or a list of globs")
-        if src.kind == "hub":
-            need(bool(src.hub), f"{key}.hub", src.hub, "give the dataset's name on the Hub, e.g. 'user/dataset'")
-        if src.kind != "files":
-            need(src.val_path is None, f"{key}.val_path", src.val_path, "only files sources take held-out files")
-        if src.val_path is not None:
-            need(_globs(src.val_path) is not None, f"{key}.val_path", src.val_path, "give a glob or list of globs")
-        name = src.name or f"source{i}"
-        need(name not in names, f"{key}.name", src.name, "source names must be unique")
-        names.add(name)
+# deepspeed.extra keys the trainer owns: set through these keys instead
+OWNED_DEEPSPEED_KEYS = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                        "gradient_accumulation_steps": "train.grad_accum_steps",
+                        "train_batch_size": "train.micro_batch_size and train.grad_accum_steps",
+                        "optimizer": "train.lr, train.betas, train.eps and train.weight_decay (AdamW)",
+                        "scheduler": "train.warmup_steps and train.min_lr_ratio (warmup + cosine)"}
 
 
-def _globs(value: Any) -> list[str] | None:
-    """A glob or a list of globs as a list of non-empty strings, else None."""
-    if isinstance(value, str) and value:
-        return [value]
-    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return list(value)
-    return None
+def _check_deepspeed_extra(extra: dict[str, Any], need) -> None:
+    for key, instead in OWNED_DEEPSPEED_KEYS.items():
+        need(key not in extra, f"deepspeed.extra.{key}", extra.get(key), f"the trainer sets it; use {instead}")
+    fp16 = extra.get("fp16")
+    need(not (isinstance(fp16, dict) and fp16.get("enabled")), "deepspeed.extra.fp16", fp16,
+         "fp16 is not supported (V4's sink and compressor need bf16/fp32 range); use deepspeed.precision=bf16")
+    zero = extra.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        need(zero["stage"] in (0, 1, 2, 3), "deepspeed.extra.zero_optimization.stage", zero["stage"],
+             "choose 0, 1, 2 or 3 (or set deepspeed.zero_stage)")
+
+
+def config_warnings(run: RunConfig) -> list[str]:
+    """Settings that are valid but probably not what was meant, said before training."""
+    t, warnings = run.train, []
+    if t.warmup_steps >= t.steps:
+        warnings.append(f"warning: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the LR never reaches "
+                        f"its peak (train.lr={t.lr:g}) and never decays; lower train.warmup_steps")
+    sparse_from = t.phases.dense_steps + t.phases.indexer_warmup_steps
+    if CSA_RATIO in run.model.compress_ratios and sparse_from >= t.steps:
+        warnings.append(f"warning: train.steps={t.steps} ends before the sparse CSA phase (train.phases.dense_steps="
+                        f"{t.phases.dense_steps} + indexer_warmup_steps={t.phases.indexer_warmup_steps}): no top-k "
+                        "attention is trained; lower the phases or raise train.steps")
+    return warnings
+
+
+def check_environment(run: RunConfig, cuda_available: bool, triton_interpreter: bool) -> None:
+    """Settings this machine cannot run, before anything is created."""
+    if run.attention.backend == "triton" and not cuda_available and not triton_interpreter:
+        raise ConfigError("attention.backend='triton': the Triton kernels need a CUDA GPU and none is visible; use "
+                          "attention.backend=auto (PyTorch on CPU) or torch (TRITON_INTERPRET=1 runs the kernels in "
+                          "Triton's CPU interpreter, very slowly)")
 
 
 def phase_for_step(train: TrainConfig, step: int) -> str:
