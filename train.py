@@ -4,45 +4,92 @@
     deepspeed --num_gpus 2 train.py deepspeed=zero3   # several ranks (CPU ranks use gloo)
     torchrun --standalone --nproc_per_node 2 train.py
     python train.py -m train.lr=1e-3,3e-3 --ranks 2    # a sweep: each job its own run (dsv4/training/sweep.py)
+
+Ctrl-C (SIGINT), SIGTERM or SIGUSR1 while training: checkpoint at the next step boundary, summary, exit 0; a second
+Ctrl-C exits at once. A mistake (a bad key, a missing file, a directory in use) stops with one line, exit code 2.
 """
 
 import os
+import signal
 import sys
 
-from dsv4.training.distributed import strip_launcher_args
-
-# The deepspeed launcher appends --local_rank=N, which Hydra rejects: move it to LOCAL_RANK first.
-sys.argv = strip_launcher_args(sys.argv)
-
-if len(sys.argv) > 1 and sys.argv[1] in ("-m", "--multirun"):
-    # Hydra's multirun would run every job in this process; each job is a distributed run of its own instead
-    from dsv4.training.sweep import main as sweep_main
-
-    sys.exit(sweep_main(sys.argv[2:]))
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+MULTIRUN = ("-m", "--multirun")
+SWEEP_OPTIONS = ("--ranks", "--parallel", "--launcher", "--sweep-dir", "--devices", "--job", "--dry-run", "--sweep")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from data_pipelines import DataError
-    from dsv4.config import ConfigError
-    from dsv4.training.distributed import shutdown
-    from dsv4.training.trainer import train
+def _exit_during_startup(signum: int, frame) -> None:
+    """Ctrl-C while importing and setting up: nothing trained yet, so leave at once (no traceback)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"\n{signal.Signals(signum).name} during start-up: exiting; nothing was trained", file=sys.stderr,
+              flush=True)
+    os._exit(128 + signum)
 
+
+def route(argv: list[str]) -> tuple[str, list[str] | str]:
+    """What a command line asks for: ("sweep", driver args) when -m / --multirun appears anywhere, ("train",
+    Hydra args) for one run, or ("error", message) for a sweep option without -m."""
+    if any(arg in MULTIRUN for arg in argv):
+        return "sweep", [arg for arg in argv if arg not in MULTIRUN]
+    sweep_like = [arg for arg in argv if arg.startswith("sweep=") or arg.split("=", 1)[0] in SWEEP_OPTIONS]
+    if sweep_like:
+        return "error", (f"{sweep_like[0]}: sweeps run with -m, e.g. python train.py -m {' '.join(argv)} "
+                         "(see python train.py -m --help)")
+    return "train", argv
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, _exit_during_startup)
+    kind, args = route(sys.argv[1:])
+    if kind == "sweep":
+        # Hydra's multirun would run every job in this process; each job is a distributed run of its own instead
+        from dsv4.training.sweep import main as sweep_main
+
+        sys.exit(sweep_main(args))
+    if kind == "error":
+        print(f"error: {args}", file=sys.stderr)
+        sys.exit(2)
+    if os.environ.get("RANK", "0") == "0" and not {"-h", "--help"} & set(args):
+        print("dsv4-train: starting (loading PyTorch, DeepSpeed and the config) ...", flush=True)
+    from dsv4.training.distributed import strip_launcher_args
+
+    # The deepspeed launcher appends --local_rank=N, which Hydra rejects: move it to LOCAL_RANK first.
+    sys.argv = strip_launcher_args(sys.argv)
     try:
-        train(cfg)
-    except (ConfigError, DataError) as e:
-        rank = os.environ.get("RANK", "0")
-        print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        shutdown_code = 2
-    else:
-        shutdown_code = 0
-    if shutdown_code:
-        sys.stderr.flush()
-        os._exit(shutdown_code)
-    shutdown(0)
+        hydra_main()
+    except SystemExit:
+        if {"-h", "--help"} & set(args):
+            from dsv4.training.sweep import sweep_help
+
+            print(sweep_help())
+        raise
+
+
+def _hydra_entry():
+    import hydra
+    from omegaconf import DictConfig
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def run(cfg: DictConfig) -> None:
+        from data_pipelines import DataError
+        from dsv4.config import ConfigError
+        from dsv4.training.checkpointing import CheckpointError
+        from dsv4.training.distributed import shutdown
+        from dsv4.training.trainer import train
+
+        try:
+            train(cfg)
+        except (ConfigError, DataError, CheckpointError) as e:
+            rank = os.environ.get("RANK", "0")
+            print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(2)
+        shutdown(0)
+
+    return run
+
+
+def hydra_main() -> None:
+    _hydra_entry()()
 
 
 if __name__ == "__main__":

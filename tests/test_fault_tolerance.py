@@ -1,6 +1,7 @@
-"""Fault tolerance: write-then-publish checkpoints, resume=auto, kill -9 and resume (bit-exact losses and data
-order against an uninterrupted 2-rank run), SIGTERM to one rank checkpoints every rank and exits 0, a truncated
-checkpoint is skipped, and non-finite losses stop the run with a checkpoint and a message."""
+"""Fault tolerance: write-then-publish checkpoints, resume=auto, kill -9 and resume (bit-exact losses, data order
+and final parameters against an uninterrupted 2-rank run), SIGTERM to one rank and Ctrl-C to torchrun checkpoint
+every rank and exit 0, a checkpoint corrupted in place is skipped naming the file, and non-finite losses stop the
+run with a checkpoint and a message that says which update was the last one applied."""
 
 import json
 import os
@@ -50,7 +51,7 @@ def test_publish_verify_and_auto_pick(tmp_path):
     (ckpt / "step0000004" / ck.MANIFEST).unlink()  # no manifest: incomplete as well
     assert ck.newest_complete(ckpt, warnings.append).tag == "step0000002"
 
-    assert ck.prune(ckpt, keep=1, protect="step0000002") == ["step0000004"]
+    assert ck.prune(ckpt, keep=1, protect=["step0000002"]) == ["step0000004"]
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000006"]
 
 
@@ -91,9 +92,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    """Start a run with its output in `log` (a file: a pipe nobody reads could fill up and stall the run)."""
+    """Start a run with its output in `log` (a file: a pipe nobody reads could fill up and stall the run), in a
+    session of its own: a SIGINT to its process group is then what a terminal's Ctrl-C sends."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(1), stdout=f, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(1), stdout=f, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
     proc.log = log  # type: ignore[attr-defined]
     return proc
 
@@ -138,12 +141,22 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     return out
 
 
+def stopped_summary(run_dir: Path) -> dict:
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    tag = (run_dir / "checkpoints" / "latest").read_text()
+    assert stopped["stopped_by"] == "signal" and stopped["steps"] < STEPS, stopped
+    assert tag == ck.tag_for(stopped["steps"]) and ck.verify_checkpoint(run_dir / "checkpoints" / tag) is None
+    assert all((run_dir / "checkpoints" / tag / f"data_state_rank{r}.json").is_file() for r in (0, 1))
+    return stopped
+
+
 @pytest.mark.slow
 @pytest.mark.dist
-def test_kill9_sigterm_truncation_resume_bit_exact(tmp_path):
+def test_kill9_sigterm_corruption_ctrl_c_resume_bit_exact(tmp_path):
     """Reference run; then: kill -9 at a random step, resume=auto, SIGTERM to rank 1 only (both ranks checkpoint,
-    exit 0), truncate that checkpoint (skipped with a warning), resume, kill -9 again, resume to the end. Every
-    step's loss and every rank's data checksum equal the uninterrupted run's."""
+    exit 0), corrupt that checkpoint in place (same size: skipped with a warning naming the file), resume, Ctrl-C
+    as a terminal sends it to torchrun (it forwards SIGINT to the ranks: both checkpoint), resume to the end. Every
+    step's loss and every rank's data checksum, and the final parameters, equal the uninterrupted run's."""
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     print(f"kill schedule seed {seed}")
@@ -152,7 +165,7 @@ def test_kill9_sigterm_truncation_resume_bit_exact(tmp_path):
     reference = {m["step"]: m for m in read_metrics(ref_dir)}
     assert sorted(reference) == list(range(1, STEPS + 1))
 
-    # 1. kill -9 somewhere in steps 3..6
+    # 1. kill -9 somewhere in steps 3..6: the next run takes over its stale lock
     proc = start(torchrun(out), tmp_path / "run1.log")
     wait_for_step(proc, out, rng.randint(3, 6))
     kill9(proc)
@@ -163,28 +176,31 @@ def test_kill9_sigterm_truncation_resume_bit_exact(tmp_path):
     pid_line = (out / "pids" / "rank1.pid").read_text().split()
     os.kill(int(pid_line[1]), signal.SIGTERM)
     text = finish(proc)
-    assert "train.resume=auto: newest complete checkpoint is" in text, text[-3000:]
-    assert "stop signal received" in text, text[-3000:]
-    stopped = json.loads((out / "summary.json").read_text())
-    assert stopped["stopped_by"] == "signal" and stopped["steps"] < STEPS, stopped
-    tag = (out / "checkpoints" / "latest").read_text()
-    assert tag == ck.tag_for(stopped["steps"]) and ck.verify_checkpoint(out / "checkpoints" / tag) is None
-    assert (out / "checkpoints" / tag / "data_state_rank1.json").is_file()
-    resumed_at = stopped["steps"]
+    assert "taking over the lock" in text and "its process is gone" in text, text[-3000:]
+    assert "train.resume=auto: resuming" in text and "stop signal received (on another rank)" in text, text[-3000:]
+    sigterm_at = stopped_summary(out)["steps"]
 
-    # 3. the newest checkpoint gets truncated: resume=auto skips it with a warning and takes the previous one
-    shard = out / "checkpoints" / tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    # 3. the newest checkpoint gets 4 KB overwritten (same size): resume=auto skips it, naming the file, and takes
+    # the previous one; then Ctrl-C reaches torchrun, which sends SIGINT to both ranks: they checkpoint and exit 0
+    shard = out / "checkpoints" / ck.tag_for(sigterm_at) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:
-        f.truncate(shard.stat().st_size // 2)
+        f.seek(shard.stat().st_size // 3)
+        f.write(os.urandom(4096))
+    resumed_from = (sigterm_at - 1) // 2 * 2
     proc = start(torchrun(out, "train.resume=auto"), tmp_path / "run3.log")
-    wait_for_step(proc, out, resumed_at + rng.randint(1, 3))
-    kill9(proc)
+    wait_for_step(proc, out, resumed_from + rng.randint(1, 3))
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=300)  # torchrun itself reports the signal (its own traceback) and exits 1
     text = proc.log.read_text()
-    assert f"skipping incomplete checkpoint {out / 'checkpoints' / tag}" in text, text[-3000:]
-    assert "bytes, the manifest says" in text and f"(step {(resumed_at - 1) // 2 * 2})" in text, text[-3000:]
+    assert f"skipping damaged checkpoint {shard.parent}: file {shard.name}: its content" in text, text[-3000:]
+    assert f"resuming {out / 'checkpoints' / ck.tag_for(resumed_from)} (step {resumed_from}" in text
+    assert "Ctrl-C: stopping at the end of this step" in text and "stop signal received (SIGINT)" in text
+    stopped_summary(out)
+    assert ck.verify_checkpoint(out / "checkpoints" / ck.tag_for(resumed_from)) is None, "never pruned"
 
     # 4. resume to the end
-    finish(start(torchrun(out, "train.resume=auto"), tmp_path / "run4.log"))
+    text = finish(start(torchrun(out, "train.resume=auto"), tmp_path / "run4.log"))
+    last_resumed = int(text.split("train.resume=auto: resuming ")[1].split("(step ")[1].split(",")[0])
 
     records = read_metrics(out)
     assert {m["step"] for m in records} == set(range(1, STEPS + 1))
@@ -192,9 +208,12 @@ def test_kill9_sigterm_truncation_resume_bit_exact(tmp_path):
         ref = reference[m["step"]]
         assert m["loss"] == ref["loss"] and m["lm_loss"] == ref["lm_loss"], (seed, m, ref)
         assert m["data_checksum"] == ref["data_checksum"] and len(m["data_checksum"]) == 2, (seed, m, ref)
-    assert len(list((out / "checkpoints").glob("step*"))) <= 2  # keep_checkpoints
+    # keep_checkpoints=2, and the checkpoint the last run resumed from is never pruned by it
+    kept = {ck.tag_for(STEPS - 2), ck.tag_for(STEPS), ck.tag_for(last_resumed)}
+    assert {p.name for p in (out / "checkpoints").glob("step*")} == kept
     final = json.loads((out / "summary.json").read_text())
     assert final["param_digests"][0] == final["param_digests"][1]
+    assert final["param_digests"] == json.loads((ref_dir / "summary.json").read_text())["param_digests"]
 
 
 @pytest.mark.slow
@@ -208,9 +227,13 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint(tmp_path):
                f"train.output_dir={out}"])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "non-finite loss on at least one rank; update skipped" in res.stdout, res.stdout[-3000:]
-    assert "stopping: 2 non-finite losses in a row (train.max_bad_steps=2)" in res.stdout, res.stdout[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
+    assert "stopping: 2 skipped updates in a row (non-finite loss or gradient norm; train.max_bad_steps=2)" in \
+        res.stdout, res.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())  # strict JSON: null where a value is not finite
     assert summary["stopped_by"] == "bad_steps" and summary["bad_steps"] >= 2 and summary["steps"] < 40
     assert (out / "checkpoints" / "latest").read_text() == ck.tag_for(summary["steps"])
     records = read_metrics(out)
-    assert records[-1]["bad_steps"] == summary["bad_steps"] and records[-1]["loss"] != records[-1]["loss"]
+    assert records[-1]["bad_steps"] == summary["bad_steps"] and records[-1]["loss"] is None
+    applied = [m["step"] for m in records if m["loss"] is not None]
+    assert applied and records[0]["grad_norm"] > 0, "ZeRO-0 fp32 reports its gradient norm"
+    assert f"the last applied update was step {applied[-1]}; the checkpoint at step {summary['steps']}" in res.stdout

@@ -98,6 +98,12 @@ def test_sweep_two_jobs_two_runs_one_wandb_group(tmp_path):
     sweep = json.loads((sweep_dir / "sweep.json").read_text())
     group = sweep["group"]
     assert [j["returncode"] for j in sweep["jobs"]] == [0, 0]
+    # the results of every job, in sweep.json and as a table at the end
+    assert [j["steps"] for j in sweep["jobs"]] == [2, 2] and all(j["val_loss"] > 0 for j in sweep["jobs"])
+    table = res.stdout[res.stdout.index(" job  overrides"):].splitlines()
+    for line, job in zip(table[1:3], sweep["jobs"]):
+        assert line.split()[1:5] == [f"train.lr-{('0.001', '0.002')[job['job']]}", "0", "2",
+                                     f"{job['val_loss']:.4f}"], line
     assert max(j["started"] for j in sweep["jobs"]) < min(j["ended"] for j in sweep["jobs"]), "ran one by one"
     assert all("==== summary ====" in (sweep_dir / f"{i:03d}.log").read_text() for i in range(2))
     run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name != "jobs")

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -69,3 +73,20 @@ def shutdown(exit_code: int = 0) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exit_code)
+
+
+def decided_by_rank0(decide: Callable[[], T]) -> T:
+    """Collective: `decide()` runs on global rank 0 only and every rank gets its result. A ConfigError it raises is
+    raised on every rank (so every rank stops with the same message instead of waiting for rank 0)."""
+    from dsv4.config import ConfigError
+
+    box: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = decide()
+        except ConfigError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]

@@ -3,6 +3,8 @@ training: if it cannot start, the run continues with console output and says so.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from pathlib import Path
@@ -117,3 +119,26 @@ def format_eta(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) replaced by None, so the JSON is strict (null, never NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any, **kwargs) -> str:
+    """json.dumps that writes null for NaN / inf (valid JSON for every reader)."""
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
+def eta_seconds(step_times: list[float], remaining: int) -> float:
+    """Remaining time from the mean of the last 20 steady steps. The first step of a process (allocations,
+    compilation, data workers starting) is never counted: until a second step is done the ETA is unknown (NaN)."""
+    steady = step_times[1:][-20:]
+    return sum(steady) / len(steady) * remaining if steady else float("nan")

@@ -129,6 +129,38 @@ def _visible_devices(arg: str | None) -> list[str]:
         return []
 
 
+RESULT_KEYS = ("steps", "val_loss", "val_ppl", "tokens_per_s", "stopped_by")
+
+
+def job_results(run_dir: Path) -> dict[str, Any]:
+    """A finished job's results from its summary.json (steps, val_loss, val_ppl, tokens_per_s, stopped_by);
+    empty when it wrote none."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {key: summary.get(key) for key in RESULT_KEYS}
+
+
+def results_table(records: list[dict[str, Any]]) -> str:
+    """One line per job: its swept values, exit code, steps, validation loss and perplexity, tokens/s."""
+    def number(value: Any, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+    width = max([len(_slug_label(r)) for r in records] + [4])
+    lines = [f"{'job':>4}  {'overrides':<{width}}  {'exit':>4}  {'steps':>6}  {'val loss':>8}  {'ppl':>8}  "
+             f"{'tok/s':>9}"]
+    for r in records:
+        lines.append(f"{r['job']:>4}  {_slug_label(r):<{width}}  {number(r.get('returncode'), 'd'):>4}  "
+                     f"{number(r.get('steps'), 'd'):>6}  {number(r.get('val_loss'), '.4f'):>8}  "
+                     f"{number(r.get('val_ppl'), '.2f'):>8}  {number(r.get('tokens_per_s'), ',.0f'):>9}")
+    return "\n".join(lines)
+
+
+def _slug_label(record: dict[str, Any]) -> str:
+    return Path(record["run_dir"]).name.split("-", 1)[-1]
+
+
 def _write_records(sweep_dir: Path, group: str) -> list[dict[str, Any]]:
     """sweep.json from every job record in <sweep dir>/jobs/ (several drivers may share the directory)."""
     records = [json.loads(p.read_text()) for p in sorted((sweep_dir / "jobs").glob("*.json"))]
@@ -139,8 +171,8 @@ def _write_records(sweep_dir: Path, group: str) -> list[dict[str, Any]]:
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/sweep.py", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "launch/sweep.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", default=None, help="conf/sweep/<NAME>.yaml or a yaml path (or sweep=NAME)")
     parser.add_argument("--ranks", type=int, default=1, help="ranks per job (default 1)")
     parser.add_argument("--launcher", choices=("auto", "python", "deepspeed", "torchrun"), default="auto")
@@ -149,6 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default=None, help="GPU ids to share out, e.g. 0,1,2,3 (default: all visible)")
     parser.add_argument("--job", type=int, default=None, help="run only job K (one scheduler task per job)")
     parser.add_argument("--dry-run", action="store_true", help="print the jobs, run nothing")
+    return parser
+
+
+def sweep_help() -> str:
+    """The sweep options, for `python train.py --help`."""
+    usage = build_parser("python train.py -m").format_help()
+    return ("== Sweeps ==\n\npython train.py -m KEY=V1,V2 ... [sweep=NAME] runs every combination as its own run; "
+            "Hydra overrides as above.\n\n" + usage)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-")]
     if bad:
@@ -219,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             del running[slot]
             if log:
                 log.close()
-            record.update(returncode=proc.returncode, ended=time.time())
+            record.update(returncode=proc.returncode, ended=time.time(), **job_results(Path(record["run_dir"])))
             record["wall_s"] = round(record["ended"] - record["started"], 1)
             failed += proc.returncode != 0
             (sweep_dir / "jobs" / f"{i:03d}.json").write_text(json.dumps(record))
@@ -228,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" (output: {sweep_dir / f'{i:03d}.log'})" if log else ""), flush=True)
         if running:
             time.sleep(0.5)
-    _write_records(sweep_dir, group)
+    records = _write_records(sweep_dir, group)
     if not args.dry_run:
-        print(f"sweep {group}: {len(selected) - failed}/{len(selected)} job(s) succeeded", flush=True)
+        print(results_table(records), flush=True)
+        print(f"sweep {group}: {len(selected) - failed}/{len(selected)} job(s) succeeded (results in "
+              f"{sweep_dir / 'sweep.json'})", flush=True)
     return 1 if failed else 0
 
 

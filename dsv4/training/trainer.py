@@ -1,20 +1,23 @@
 """The training loop as steps: a `Trainer` sets a run up, then repeats one training step, evaluation and
 checkpointing, and finishes with a summary.
 
-    Trainer(cfg)          setup: config, data, process group, run directory, resume, engine (mistakes stop here)
-      .train()            the loop: train_step() -> log -> evaluate() / save() when due -> finish()
-      .train_step(step)   one optimizer step over train.grad_accum_steps micro-batches
+    Trainer(cfg)          setup: every check, the run directory and its lock, the checkpoint to resume from, the
+                          data, the engine. Mistakes stop here, before a step is trained, and change nothing.
+      .train()            the loop: train_step() -> evaluate() when due -> log -> save() when due -> finish()
+      .train_step(step)   one optimizer step over train.grad_accum_steps micro-batches; a non-finite loss or
+                          gradient norm skips its update (a bad step)
       .evaluate()         validation loss over the held-out split
-      .save(done)         a checkpoint, written then published (dsv4/training/checkpointing.py)
-      .finish(stopped_by) final checkpoint and evaluation, parameter digests, summary.json
+      .save(done)         a checkpoint, written, checksummed, then published (dsv4/training/checkpointing.py)
+      .finish(stopped_by) final checkpoint, parameter digests, summary.json, the lock released
 
-`train(cfg)` runs one. DeepSpeed engine, AdamW, warmup + cosine LR, clipping, accumulation, CSA phases, the indexer
-loss, checkpoints and resume; metrics from global rank 0."""
+Where things live: interrupts in dsv4/training/signals.py (SIGINT/SIGTERM/SIGUSR1 stop at the next step boundary
+with a checkpoint), the run directory and its lock in run_dir.py, the choice and verification of the checkpoint to
+resume from (and forks) in resume.py, checksummed checkpoints in checkpointing.py. `train(cfg)` runs one."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,20 +29,42 @@ from omegaconf import DictConfig, OmegaConf
 from dsv4.config import ConfigError
 from dsv4.model import DSV4Model
 from dsv4.training import checkpointing, flops
-from dsv4.training.config import RunConfig, phase_for_step, resolve_config, run_config_dict
-from dsv4.training.distributed import init_distributed
+from dsv4.training.config import (
+    RunConfig,
+    check_environment,
+    config_warnings,
+    phase_for_step,
+    resolve_config,
+    run_config_dict,
+)
+from dsv4.training.distributed import decided_by_rank0, init_distributed
 from dsv4.training.health import CHECKSUM_MOD, all_finite, batch_checksum, gather_digests
-from dsv4.training.metrics import MetricsLogger, StepTimer, format_eta, peak_memory_bytes
-from dsv4.training.optim import deepspeed_config, lr_lambda, param_groups
-from dsv4.training.resume import UNIVERSAL_SUFFIX, resume_tag
-from dsv4.training.run_dir import choose_run_dir
+from dsv4.training.metrics import (
+    MetricsLogger,
+    StepTimer,
+    dumps_strict,
+    eta_seconds,
+    format_eta,
+    peak_memory_bytes,
+)
+from dsv4.training.optim import (
+    FiniteStepAdamW,
+    build_optimizer,
+    deepspeed_config,
+    describe_settings,
+    effective_settings,
+    lr_lambda,
+    param_groups,
+)
+from dsv4.training.resume import ResumePoint, find_resume_point, shown
+from dsv4.training.run_dir import RunLock, claim_run_dir, pick_run_dir
 from dsv4.training.sequence_parallel import (
     check_sequence_parallel,
     lm_loss_for_backward,
     setup_sequence_parallel,
     shard_batch,
 )
-from dsv4.training.signals import StopRequest, write_pid_file
+from dsv4.training.signals import StopRequest, exit_at_once_during_setup, write_pid_file
 
 __all__ = ["Trainer", "train", "evaluate", "doc_positions", "lr_lambda", "param_groups", "deepspeed_config",
            "format_summary"]
@@ -78,9 +103,9 @@ def _mean_across_ranks(values: list[float], device: torch.device) -> list[float]
 
 @dataclass
 class StepResult:
-    """What one optimizer step did: the metrics record and whether its update was skipped."""
+    """What one optimizer step did: the metrics record and why its update was skipped, if it was."""
     record: dict[str, float]
-    bad: bool
+    bad: str | None  # None, "loss" (non-finite on some rank) or "grad_norm" (non-finite global gradient norm)
     stop_requested: bool  # a stop signal reached some rank (agreed by every rank)
     data_checksums: list[int] = field(default_factory=list)
 
@@ -93,33 +118,28 @@ class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.config = run = resolve_config(cfg)  # bad values stop here, before any process group or data
+        check_environment(run, torch.cuda.is_available(), os.environ.get("TRITON_INTERPRET") == "1")
         self.data_plan = self._prepare_data()
         self.rank, self.world, _, self.device = init_distributed()
         self.is_main = self.rank == 0
-        self.use_bf16 = run.deepspeed.precision == "bf16" or (run.deepspeed.precision == "auto"
-                                                              and self.device.type == "cuda")
-        self.run_dir = choose_run_dir(run, self.rank)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        self.logger = MetricsLogger(run.logging.wandb, self.run_dir, self.is_main, run_config_dict(run))
-        # sequence parallelism: SP groups of consecutive ranks share a data-parallel rank and split each sequence
         check_sequence_parallel(run.parallel.sequence_parallel_size, self.world, run.train.seq_len, run.model)
-        self.layout = setup_sequence_parallel(run.parallel.sequence_parallel_size, self.rank, self.world,
-                                              run.train.seq_len)
-        self._build_engine()
-        self.data = self._streaming_data(run.train.seed)
-        self.start_step = 0
-        self.last_saved = -1
-        if self.resume_from is not None:
-            self._load_checkpoint()
-        self._plan_throughput()
-        self._print_banner()
-        self.stop = StopRequest()
-        self.history: list[dict[str, float]] = []
-        self.bad_in_a_row = self.bad_total = 0
-        self.val_loss = float("nan")
+        self.ds_config = deepspeed_config(run, run.deepspeed.precision == "bf16" or (
+            run.deepspeed.precision == "auto" and self.device.type == "cuda"))
+        self.ds_settings = effective_settings(self.ds_config)  # after deepspeed.extra: what DeepSpeed will run
+        self.lock: RunLock | None = None
+        self.run_dir = decided_by_rank0(lambda: pick_run_dir(run))
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self._claim_run_dir()
+        try:
+            self._setup_after_claim()
+        except BaseException:
+            self._release()
+            raise
+
+    def say(self, message: str) -> None:
+        """A line on the console, from global rank 0."""
+        if self.is_main:
+            print(message, flush=True)
 
     def _prepare_data(self):
         from data_pipelines import prepare_data
@@ -130,6 +150,66 @@ class Trainer:
                               f"vocabulary ({plan.vocab_size}); raise it")
         return plan
 
+    def _claim_run_dir(self) -> None:
+        """Rank 0 creates the run directory and takes its lock (refusing a live or reused one); from here on an
+        interrupt during setup releases the lock and exits at once."""
+        def claim() -> None:
+            self.lock = claim_run_dir(self.config, self.run_dir, self.say)
+
+        decided_by_rank0(claim)
+        exit_at_once_during_setup(self.is_main, self._release)
+
+    def _release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup_after_claim(self) -> None:
+        run = self.config
+        self.say(f"setting up: run dir {self.run_dir}")
+        self.resume: ResumePoint | None = (find_resume_point(run, self.run_dir, self.world, self.say)
+                                           if run.train.resume else None)
+        self.start_step = self.resume.step if self.resume is not None else 0
+        self.nothing_to_do = self.resume is not None and self.resume.step >= run.train.steps
+        if self.nothing_to_do:
+            return
+        # sequence parallelism: SP groups of consecutive ranks share a data-parallel rank and split each sequence
+        self.layout = setup_sequence_parallel(run.parallel.sequence_parallel_size, self.rank, self.world,
+                                              run.train.seq_len)
+        self.data = self._streaming_data()  # with the checkpoint's stream position: a mismatch stops here
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+            (self.run_dir / "deepspeed.json").write_text(dumps_strict(self.ds_config, indent=2))
+        self.logger = MetricsLogger(run.logging.wandb, self.run_dir, self.is_main,
+                                    {**run_config_dict(run), "deepspeed_effective": self.ds_settings})
+        self.say("building the model and the DeepSpeed engine")
+        self._build_engine()
+        if self.resume is not None:
+            self._load_checkpoint()
+        self._plan_throughput()
+        self._print_banner()
+        self.stop = StopRequest(announce=self.is_main, cleanup=self._release)
+        self.history: list[dict[str, float]] = []
+        self.bad_in_a_row = self.bad_total = 0
+        self.last_applied: int | None = None  # the last step whose update was applied, in this run
+        self.last_saved = self.start_step if self.resume is not None else -1
+        self.val_loss: float | None = None
+        self.val_step: int | None = None
+
+    def _streaming_data(self):
+        from data_pipelines import StreamingData, load_data_state
+
+        t, point = self.config.train, self.resume
+        seed = t.seed + point.step if point is not None and point.universal else t.seed
+        # the ranks of one SP group read the same samples
+        data = StreamingData(self.data_plan, t.seq_len, t.micro_batch_size, seed, self.layout.dp_rank,
+                             self.layout.dp_world)
+        if point is not None and point.universal:  # per-rank stream positions cannot follow a new rank layout
+            self.say("warning: the data stream restarts (reseeded) after a rank-count change; resumed samples are "
+                     "not the ones the original run would have read")
+        elif point is not None:
+            load_data_state(data, point.path, self.rank)  # this rank's stream position at that checkpoint
+        return data
+
     def _build_engine(self) -> None:
         import deepspeed
 
@@ -139,45 +219,28 @@ class Trainer:
                           phase=phase_for_step(run.train, 0), deterministic=run.attention.deterministic)
         model.set_sequence_parallel(self.layout.sp)
         self.n_params = sum(p.numel() for p in model.parameters())
-        optimizer = torch.optim.AdamW(param_groups(model, run.train.weight_decay), lr=run.train.lr,
-                                      betas=tuple(run.train.betas), eps=run.train.eps)
+        optimizer = build_optimizer(model, run, self.ds_settings)
+        ds_config = dict(self.ds_config)
+        if isinstance(optimizer, FiniteStepAdamW):
+            ds_config["gradient_clipping"] = 0.0  # it clips by the norm it checks
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(run.train, s))
-        # the checkpoint to resume from is chosen first: another rank count needs the universal loader configured
-        self.resume_from, self.universal = (resume_tag(run, self.ckpt_dir, self.world, self.logger.print)
-                                            if run.train.resume else (None, False))
-        ds_config = deepspeed_config(run, self.use_bf16)
-        if self.universal:
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        if self.resume is not None and self.resume.universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
             **({"mpu": self.layout.mpu} if self.layout.mpu is not None else {}))
 
-    def _streaming_data(self, seed: int):
-        from data_pipelines import StreamingData
-
-        t = self.config.train
-        # the ranks of one SP group read the same samples
-        return StreamingData(self.data_plan, t.seq_len, t.micro_batch_size, seed, self.layout.dp_rank,
-                             self.layout.dp_world)
-
     def _load_checkpoint(self) -> None:
-        from data_pipelines import load_data_state
-
-        tag = self.resume_from
-        load_tag = tag + UNIVERSAL_SUFFIX if self.universal else tag
-        load_path, client = self.engine.load_checkpoint(str(self.ckpt_dir), tag=load_tag)
+        point = self.resume
+        self.say(f"loading {point.load_dir / point.load_tag}")
+        load_path, client = self.engine.load_checkpoint(str(point.load_dir), tag=point.load_tag)
         if load_path is None:
-            raise ConfigError(f"train.resume={self.config.train.resume!r}: DeepSpeed could not load "
-                              f"{self.ckpt_dir / load_tag}")
+            raise ConfigError(f"train.resume={shown(self.config.train.resume)}: DeepSpeed could not load "
+                              f"{point.load_dir / point.load_tag}")
         self.start_step = int(client["step"])
-        if self.universal:  # per-rank stream positions cannot follow a new rank layout: the stream restarts, reseeded
-            self.data = self._streaming_data(self.config.train.seed + self.start_step)
-            self.logger.print("warning: the data stream restarts (reseeded) after a rank-count change; resumed "
-                              "samples are not the ones the original run would have read")
-        else:
-            load_data_state(self.data, self.ckpt_dir / tag, self.rank)  # this rank's stream position then
-        self.logger.print(f"resumed from {load_path} at step {self.start_step}")
-        self.last_saved = self.start_step
+        self.say(f"resumed from {load_path} at step {self.start_step}")
+        if point.universal:  # the conversion must keep every parameter: show the digests to compare
+            self.say(f"parameters after loading (sha256 per rank): {gather_digests(self.engine.module)}")
 
     def _plan_throughput(self) -> None:
         run, t = self.config, self.config.train
@@ -192,17 +255,37 @@ class Trainer:
     def _print_banner(self) -> None:
         run = self.config
         kinds = [run.model.layer_kind(i) for i in range(run.model.num_hidden_layers)]
-        self.logger.print(
+        self.say(
             f"dsv4-train | {self.n_params / 1e6:.2f}M params | layers {kinds} | ranks {self.world} on "
             f"{self.device.type} (data parallel {self.layout.dp_world} x sequence parallel {self.layout.sp_size}) | "
-            f"ZeRO-{run.deepspeed.zero_stage} {'bf16' if self.use_bf16 else 'fp32'} | {self.tokens_per_step} "
-            f"tokens/step | data {self.data_plan.describe()} | run dir {self.run_dir}")
-        self.logger.print(f"MFU: {self.peak_source}")
+            f"{describe_settings(self.ds_settings, run)} | {self.tokens_per_step} tokens/step | "
+            f"data {self.data_plan.describe()} | run dir {self.run_dir}")
+        self.say(f"MFU: {self.peak_source}")
+        for warning in config_warnings(run):
+            self.say(warning)
 
     # ---------------------------------------------------------------- the loop
 
     def train(self) -> dict[str, Any]:
         """Train from the start (or resumed) step to train.steps; returns the summary on every rank."""
+        if self.nothing_to_do:
+            return self._nothing_to_do()
+        try:
+            return self._loop()
+        except BaseException:
+            self.logger.finish()  # W&B keeps what was logged
+            raise
+        finally:
+            self._release()
+
+    def _nothing_to_do(self) -> dict[str, Any]:
+        t = self.config.train
+        self.say(f"train.resume: {self.resume.path} is at step {self.resume.step} and train.steps={t.steps}: nothing "
+                 "to train (raise train.steps to continue); the run directory was left as it is")
+        self._release()
+        return {"steps": self.resume.step, "steps_this_run": 0, "nothing_to_do": True}
+
+    def _loop(self) -> dict[str, Any]:
         run = self.config
         self.stop.install()
         write_pid_file(self.run_dir, self.rank)
@@ -213,17 +296,17 @@ class Trainer:
         for step in range(self.start_step, run.train.steps):
             result = self.train_step(step)
             done = step + 1
-            self._log_step(done, result)
-            stopped_by = self._bad_step_verdict(done, result.bad)
+            stopped_by = self._count_bad_step(result.bad)
             if result.stop_requested and stopped_by is None:
                 stopped_by = "signal"
-                self.logger.print(f"step {done}: stop signal received ({self.stop.signal_name or 'on another rank'}"
-                                  "); checkpointing and exiting")
+            evaluated = stopped_by is None and self._evaluation_due(done)
+            if evaluated:
+                self.val_loss, self.val_step = self.evaluate(), done
+            self._log_step(done, result, evaluated)
+            self._explain_stop(done, result, stopped_by)
             if stopped_by is not None:
                 self.save(done)
                 break
-            if run.train.eval_interval and done % run.train.eval_interval == 0 and done < run.train.steps:
-                self._log_validation(done, self.evaluate())
             if run.train.save_interval and done % run.train.save_interval == 0 and done < run.train.steps:
                 self.save(done)
         return self.finish(stopped_by)
@@ -233,18 +316,19 @@ class Trainer:
         if new_phase != self.phase:
             self.engine.module.set_attention_options(phase=new_phase)
             if self.phase is not None or step > 0:
-                self.logger.print(f"step {step}: CSA attention phase -> {new_phase}")
+                self.say(f"step {step}: CSA attention phase -> {new_phase}")
             self.phase = new_phase
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over train.grad_accum_steps micro-batches. A non-finite loss on any rank skips the
-        step's update (every rank agrees); its data is still consumed, so the data order stays."""
+        step's update (every rank agrees; its data is still consumed, so the data order stays); so does a
+        non-finite global gradient norm (DeepSpeed's optimizers skip such a step, FiniteStepAdamW on ZeRO-0)."""
         run, engine, device, sp = self.config, self.engine, self.device, self.layout.sp
         self._set_phase(step)
         t0 = time.perf_counter()
         lm_sum = idx_sum = data_wait = 0.0
         timer = StepTimer(device)
-        bad = False
+        bad: str | None = None
         checksum = 0
         # rank 0 records sink mass and indexer recall on logging steps (first micro-batch; no collectives involved)
         engine.module.options.collect_stats = self.is_main and (step + 1) % run.logging.interval == 0
@@ -265,7 +349,7 @@ class Trainer:
                 if out.indexer_loss is not None:
                     loss = loss + run.train.indexer_loss_coef * out.indexer_loss
             if not all_finite(loss, device):  # every rank agrees, so every rank skips the same update
-                bad = True
+                bad = "loss"
                 continue
             if out.indexer_loss is not None:
                 idx_sum += out.indexer_loss.item() * self.layout.sp_size  # SP ranks hold parts of one loss
@@ -277,12 +361,16 @@ class Trainer:
         step_time = time.perf_counter() - t0
         grad_norm = engine.get_global_grad_norm()  # DeepSpeed's global norm, taken before clipping
         grad_norm = float(grad_norm) if grad_norm is not None and not bad else float("nan")
+        if bad is None and (not engine.was_step_applied() or not math.isfinite(grad_norm)):
+            bad = "grad_norm"  # the same on every rank: the norm is global
         accum = run.train.grad_accum_steps
         lm_loss, idx_loss = _mean_across_ranks([lm_sum / accum, idx_sum / accum], device)
-        if bad:
+        if bad == "loss":
             lm_loss = idx_loss = float("nan")
         checksums, stop_requested = self._agree_checksums_and_stop(checksum)
-        record = self._step_record(step_time, data_wait, timer, lm_loss, idx_loss, grad_norm, bad)
+        if bad is None:
+            self.last_applied = step + 1
+        record = self._step_record(step_time, data_wait, timer, lm_loss, idx_loss, grad_norm, bad is not None)
         return StepResult(record, bad, stop_requested, checksums)
 
     def _agree_checksums_and_stop(self, checksum: int) -> tuple[list[int], bool]:
@@ -314,49 +402,74 @@ class Trainer:
             record.update({f"mix_docs/{name}": n / total_docs for name, n in stats["docs"].items()})
         return record
 
-    def _log_step(self, done: int, result: StepResult) -> None:
-        """metrics.jsonl, W&B and (every logging.interval steps) the console line."""
+    def _log_step(self, done: int, result: StepResult, evaluated: bool) -> None:
+        """metrics.jsonl (strict JSON, with val_loss / val_ppl on evaluation steps), W&B and, every
+        logging.interval steps, the console line."""
         run, record = self.config, result.record
         self.history.append(record)
+        extra = {"val_loss": self.val_loss, "val_ppl": _ppl(self.val_loss)} if evaluated else {}
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": done, "phase": self.phase, **record,
-                                    "data_checksum": result.data_checksums}) + "\n")
-        self.logger.log(done, {f"train/{k}": v for k, v in record.items()})
-        if self.is_main and (done % run.logging.interval == 0 or done == run.train.steps
-                             or done == self.start_step + 1):
-            recent = [h["step_time_s"] for h in self.history[-20:]]
-            eta = format_eta(sum(recent) / len(recent) * (run.train.steps - done))
+                f.write(dumps_strict({"step": done, "phase": self.phase, **record, **extra,
+                                      "data_checksum": result.data_checksums}) + "\n")
+        self.logger.log(done, {f"train/{k}": v for k, v in record.items()}
+                        | ({"val/loss": extra["val_loss"], "val/ppl": extra["val_ppl"]} if evaluated else {}))
+        if done % run.logging.interval == 0 or done == run.train.steps or done == self.start_step + 1:
+            eta = format_eta(eta_seconds([h["step_time_s"] for h in self.history], run.train.steps - done))
             mfu = f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""
-            self.logger.print(
-                f"step {done:>6}/{run.train.steps} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
-                f"idx {record['indexer_loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
-                f"tok/s {record['tokens_per_s']:,.0f} | wait {record['data_wait_s'] * 1000:.0f}ms{mfu} | "
-                f"{self.phase} | eta {eta}")
+            self.say(f"step {done:>6}/{run.train.steps} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
+                     f"idx {record['indexer_loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
+                     f"tok/s {record['tokens_per_s']:,.0f} | wait {record['data_wait_s'] * 1000:.0f}ms{mfu} | "
+                     f"{self.phase} | eta {eta}")
+        if evaluated:
+            self.say(f"step {done:>6} | val loss {self.val_loss:.4f} | ppl {_ppl(self.val_loss):.1f}")
 
-    def _bad_step_verdict(self, done: int, bad: bool) -> str | None:
+    def _evaluation_due(self, done: int) -> bool:
+        interval = self.config.train.eval_interval
+        return done == self.config.train.steps or bool(interval and done % interval == 0)
+
+    # ---------------------------------------------------------------- bad steps and stopping
+
+    def _count_bad_step(self, bad: str | None) -> str | None:
         """Count a skipped update; the reason to stop (`bad_step`, `bad_steps`) or None."""
         t = self.config.train
-        if not bad:
+        if bad is None:
             self.bad_in_a_row = 0
             return None
         self.bad_total += 1
         self.bad_in_a_row += 1
-        self.logger.print(f"step {done}: non-finite loss on at least one rank; update skipped "
-                          f"({self.bad_in_a_row} in a row, {self.bad_total} in this run; train.max_bad_steps="
-                          f"{t.max_bad_steps})")
-        if t.grad_accum_steps > 1:
-            # earlier micro-batches of this step already accumulated gradients inside DeepSpeed: stop with a
-            # checkpoint of the last applied update (gradients are not saved), so a resume skips this step
-            self.logger.print(f"stopping: with train.grad_accum_steps={t.grad_accum_steps} a skipped update "
-                              f"needs a restart; checkpoint at step {done}; resume with train.resume=auto")
-            return "bad_step"
+        if bad == "loss" and t.grad_accum_steps > 1:
+            return "bad_step"  # earlier micro-batches already accumulated gradients inside DeepSpeed
         if self.bad_in_a_row >= t.max_bad_steps:
-            self.logger.print(f"stopping: {self.bad_in_a_row} non-finite losses in a row (train.max_bad_steps="
-                              f"{t.max_bad_steps}); checkpoint at step {done} holds the last finite update. "
-                              "Lower train.lr or check the data around this step before resuming")
             return "bad_steps"
         return None
+
+    def _explain_stop(self, done: int, result: StepResult, stopped_by: str | None) -> None:
+        t = self.config.train
+        if result.bad is not None:
+            what = ("non-finite loss on at least one rank" if result.bad == "loss" else
+                    f"non-finite gradient norm ({result.record['grad_norm']})")
+            self.say(f"step {done}: {what}; update skipped ({self.bad_in_a_row} in a row, {self.bad_total} in this "
+                     f"run; train.max_bad_steps={t.max_bad_steps})")
+        if stopped_by == "bad_step":
+            # gradients are not saved: stop with a checkpoint of the last applied update, so a resume skips this step
+            self.say(f"stopping: with train.grad_accum_steps={t.grad_accum_steps} a skipped update needs a restart; "
+                     f"{self._last_update_truth(done)}; resume with train.resume=auto")
+        elif stopped_by == "bad_steps":
+            self.say(f"stopping: {self.bad_in_a_row} skipped updates in a row (non-finite loss or gradient norm; "
+                     f"train.max_bad_steps={t.max_bad_steps}); {self._last_update_truth(done)}. Lower train.lr or "
+                     "check the data around this step before resuming")
+        elif stopped_by == "signal":
+            self.say(f"step {done}: stop signal received ({self.stop.signal_name or 'on another rank'}); "
+                     "checkpointing and exiting")
+
+    def _last_update_truth(self, done: int) -> str:
+        """What the checkpoint about to be written holds, said as it is."""
+        if self.last_applied is None:
+            return (f"no update of this run was applied (it started at step {self.start_step}): the checkpoint at "
+                    f"step {done} holds the weights it started from, which may be broken")
+        return (f"the last applied update was step {self.last_applied}; the checkpoint at step {done} holds the model "
+                "as of then (skipped steps change no weight) and prunes no older checkpoint")
 
     # ---------------------------------------------------------------- evaluation and checkpoints
 
@@ -364,80 +477,88 @@ class Trainer:
         """Mean validation LM loss per token (collective)."""
         return evaluate(self.engine, self.data, self.config, self.device, self.layout.sp)
 
-    def _log_validation(self, done: int, val_loss: float) -> None:
-        self.val_loss = val_loss
-        ppl = math.exp(min(val_loss, 50))
-        self.logger.log(done, {"val/loss": val_loss, "val/ppl": ppl})
-        self.logger.print(f"step {done:>6} | val loss {val_loss:.4f} | ppl {ppl:.1f}")
-
     def save(self, done: int) -> None:
-        """Collective: write, then publish the checkpoint after `done` steps; every rank writes its data state."""
+        """Collective: write, checksum, then publish the checkpoint after `done` steps; every rank writes its data
+        state. Older checkpoints are pruned only after a step with an applied update, and the one this run
+        resumed from never."""
         from data_pipelines import save_data_state
 
-        checkpointing.save_checkpoint(
+        healthy = self.bad_in_a_row == 0 and self.last_applied is not None
+        own = self.resume is not None and self.resume.ckpt_dir.resolve() == self.ckpt_dir.resolve()
+        protect = [self.resume.tag] if own else []
+        report = checkpointing.save_checkpoint(
             self.engine, self.ckpt_dir, done, self.rank, self.world, self.config.train.keep_checkpoints,
             save_rank_state=lambda staging: save_data_state(self.data, staging, self.rank),
-            client_state={"step": done}, model_config=self.config.model.to_dict())
+            client_state={"step": done}, model_config=self.config.model.to_dict(), allow_prune=healthy,
+            protect=protect)
         self.last_saved = done
+        self.say(f"checkpoint {report.path} ({report.bytes / 2**20:,.1f} MiB: written in {report.write_s:.2f} s, "
+                 f"checksummed in {report.checksum_s:.2f} s)")
 
     # ---------------------------------------------------------------- finishing
 
     def finish(self, stopped_by: str | None) -> dict[str, Any]:
-        """Final checkpoint and evaluation (unless stopped), parameter digests, summary.json; every rank."""
+        """Final checkpoint (unless stopped), parameter digests, summary.json; every rank."""
         run = self.config
         wall = time.perf_counter() - self.t_start
         self.data.close()
         if self.history and stopped_by is None and self.last_saved != run.train.steps:
             self.save(run.train.steps)
-        self.stop.uninstall()
-        self.logger.print(f"data (rank {self.rank}): {self.data.describe_stats()}")
-        if stopped_by is None:
-            self.val_loss = self.evaluate()
+        self.say(f"data (rank {self.rank}): {self.data.describe_stats()}")
         digests = gather_digests(self.engine.module)  # every rank's parameters: equal when the ranks stayed in sync
         if len(set(digests)) > 1:
-            self.logger.print(f"warning: parameters differ across ranks at the end: {digests}")
-        summary = _summary(self.history, self.val_loss, wall, self.tokens_per_step, run, self.run_dir,
-                           self.start_step)
-        summary.update(stopped_by=stopped_by, bad_steps=self.bad_total, param_digests=digests,
-                       steps=self.start_step + len(self.history))
-        if stopped_by is None:
-            self.logger.log(run.train.steps, {"val/loss": self.val_loss, "val/ppl": summary["val_ppl"]})
+            self.say(f"warning: parameters differ across ranks at the end: {digests}")
+        summary = _summary(self.history, self.val_loss, wall, self.tokens_per_step, self.run_dir, self.start_step)
+        summary.update(stopped_by=stopped_by, bad_steps=self.bad_total, param_digests=digests, val_step=self.val_step)
         self.logger.summary(summary)
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            self.logger.print(format_summary(summary))
+            (self.run_dir / "summary.json").write_text(dumps_strict(summary, indent=2))
+            self.say(format_summary(summary))
         self.logger.finish()
         return summary
 
 
-def _summary(history, val_loss, wall, tokens_per_step, run, run_dir, start_step) -> dict[str, Any]:
+def _ppl(loss: float | None) -> float | None:
+    return math.exp(min(loss, 50)) if loss is not None and math.isfinite(loss) else None
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _summary(history, val_loss, wall, tokens_per_step, run_dir, start_step) -> dict[str, Any]:
     k = max(1, min(10, len(history) // 4)) if history else 1
-    first = [h["lm_loss"] for h in history[:k]]
-    last = [h["lm_loss"] for h in history[-k:]]
     steady = [h["tokens_per_s"] for h in history[1:]] or [h["tokens_per_s"] for h in history]
     return {
-        "steps": run.train.steps,
+        "steps": start_step + len(history),
         "steps_this_run": len(history),
         "start_step": start_step,
         "tokens_this_run": len(history) * tokens_per_step,
-        "lm_loss_start": sum(first) / len(first) if first else float("nan"),
-        "lm_loss_end": sum(last) / len(last) if last else float("nan"),
+        "lm_loss_start": _mean([h["lm_loss"] for h in history[:k]]),
+        "lm_loss_end": _mean([h["lm_loss"] for h in history[-k:]]),
         "loss_window": k,
         "val_loss": val_loss,
-        "val_ppl": math.exp(min(val_loss, 50)) if val_loss == val_loss else float("nan"),
-        "tokens_per_s": sum(steady) / len(steady) if steady else float("nan"),
+        "val_ppl": _ppl(val_loss),
+        "tokens_per_s": _mean(steady),
         "wall_time_s": wall,
         "run_dir": str(run_dir),
     }
 
 
+def _number(value: float | None, spec: str) -> str:
+    return format(value, spec) if value is not None and math.isfinite(value) else "n/a"
+
+
 def format_summary(s: dict[str, Any]) -> str:
+    stopped = f" (stopped: {s['stopped_by']})" if s.get("stopped_by") else ""
+    val = f" at step {s['val_step']}" if s.get("val_step") not in (None, s["steps"]) else ""
     return (
         "==== summary ====\n"
-        f"steps {s['start_step']}->{s['steps']} | {s['tokens_this_run']:,} tokens | {s['wall_time_s']:.1f} s | "
-        f"{s['tokens_per_s']:,.0f} tokens/s\n"
-        f"train LM loss {s['lm_loss_start']:.4f} -> {s['lm_loss_end']:.4f} (mean of the first / last "
-        f"{s['loss_window']} steps)\n"
-        f"validation loss {s['val_loss']:.4f} | perplexity {s['val_ppl']:.1f}\n"
+        f"steps {s['start_step']}->{s['steps']}{stopped} | {s['tokens_this_run']:,} tokens | "
+        f"{s['wall_time_s']:.1f} s | {_number(s['tokens_per_s'], ',.0f')} tokens/s\n"
+        f"train LM loss {_number(s['lm_loss_start'], '.4f')} -> {_number(s['lm_loss_end'], '.4f')} (mean of the "
+        f"first / last {s['loss_window']} steps)\n"
+        f"validation loss {_number(s['val_loss'], '.4f')} | perplexity {_number(s['val_ppl'], '.1f')}{val}\n"
         f"run dir {s['run_dir']} (checkpoints/, config.yaml, metrics.jsonl, summary.json)"
     )
