@@ -132,6 +132,24 @@ def test_indexer_never_selects_future_entries(backend):
     assert not (picks[:, t_first_sees_last - 1] == last).any()
 
 
+@pytest.mark.parametrize("backend", ["naive", "torch", "triton"])
+def test_indexer_topk_ties_prefer_the_more_recent_entry(backend):
+    """ReLU scores are often exactly equal (zeros): top-k then takes the MORE RECENT entries, the same on every
+    backend, so the picks (and the model) do not depend on the backend or on torch.topk's arbitrary tie order."""
+    seq_len, ratio = 37, 4
+    index_q = torch.ones(1, seq_len, 3, 8)
+    weights = torch.ones(1, seq_len, 3)
+    index_k = torch.zeros(1, seq_len // ratio, 8)  # every score 0: all visible entries tie
+    picks = indexer_topk(index_q, index_k, weights, ratio, 3, backend=backend, chunk_size=8)
+    for t in range(seq_len):
+        n_visible = (t + 1) // ratio
+        assert sorted(picks[0, t][picks[0, t] >= 0].tolist()) == list(range(max(0, n_visible - 3), n_visible)), t
+    index_k[0, 1] = index_k[0, 3] = 1.0  # entries 1 and 3 tie above the rest: top-1 takes 3 once it is visible
+    picks = indexer_topk(index_q, index_k, weights, ratio, 1, backend=backend, chunk_size=8)
+    for t in range(2 * ratio - 1, seq_len):
+        assert picks[0, t, 0].item() == (3 if (t + 1) // ratio > 3 else 1), t
+
+
 def test_indexer_topk_chunked_equals_naive():
     index_q, index_k, weights = make_indexer_inputs(129, 32, seed=4)
     a = indexer_topk(index_q, index_k, weights, 4, 7, backend="naive")

@@ -102,9 +102,14 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
+    """Until this run (not an earlier one into the same directory) has logged `step`."""
     deadline = time.time() + timeout
+    earlier = getattr(proc, "earlier_lines", None)
+    if earlier is None:
+        earlier = proc.earlier_lines = len(read_metrics(run_dir))  # type: ignore[attr-defined]
     while time.time() < deadline:
-        if read_metrics(run_dir) and read_metrics(run_dir)[-1]["step"] >= step:
+        records = read_metrics(run_dir)[earlier:]
+        if records and records[-1]["step"] >= step:
             return
         if proc.poll() is not None:
             raise AssertionError(f"run ended (rc {proc.returncode}) before step {step}:\n"

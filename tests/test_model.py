@@ -1,5 +1,6 @@
 """The decoder as users build it: causality for every layer type, parameter counts, config validation, memory."""
 
+import math
 import subprocess
 import sys
 
@@ -118,20 +119,25 @@ torch.manual_seed(0)
 model = build_model(ModelConfig(), phase="sparse")
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 ids = torch.randint(0, 4096, (1, 8192))
+losses = []
 for _ in range(2):
     out = model(ids, labels=ids)
     (out.lm_loss + 0.01 * out.indexer_loss).backward()
     opt.step(); opt.zero_grad()
-print(out.lm_loss.item(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    losses.append(out.lm_loss.item())
+print(*losses, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
 @pytest.mark.slow
-def test_tiny_model_trains_at_8192_tokens_in_a_few_gb(repo_root):
-    """The chunked PyTorch path keeps CSA/HCA memory linear in S: two optimizer steps at S=8192 under 3 GB."""
+def test_tiny_model_trains_at_8192_tokens_in_under_2_gib(repo_root):
+    """The chunked PyTorch path keeps CSA/HCA memory linear in S: two optimizer steps at S=8192 (sparse phase)
+    peak under 2 GiB of resident memory (the README's figure), and they train: the first loss is that of a
+    near-uniform prediction, the second (same batch, after one AdamW step) is lower."""
     res = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], cwd=repo_root, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    loss, max_rss_kb = res.stdout.split()
-    assert float(loss) < 9.0
-    assert int(max_rss_kb) < 3 * 1024 * 1024, f"peak RSS {int(max_rss_kb) / 1e6:.2f} GB"
+    first, second, max_rss_kb = res.stdout.split()
+    assert abs(float(first) - math.log(4096)) < 0.3, first
+    assert float(second) < float(first), (first, second)
+    assert int(max_rss_kb) < 2 * 1024 * 1024, f"peak RSS {int(max_rss_kb) / 2**20:.2f} GiB"

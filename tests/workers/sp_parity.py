@@ -1,5 +1,6 @@
 """Worker for tests/test_sequence_parallel.py (run under torchrun, gloo): every layer type with the sequence
-sharded over all ranks equals the single-device model on the full sequence: loss and every gradient.
+sharded over all ranks equals the single-device model on the full sequence: loss, every rank's logits and every
+gradient.
 argv: shard backend out.json [documents]: with "documents", packed documents (document masking) whose
 boundaries fall inside shards and whose documents cross them."""
 
@@ -77,9 +78,11 @@ def main() -> None:
             err = float((g_sp - g_ref).abs().max() / g_ref.abs().max().clamp_min(1e-6))
             if err > worst:
                 worst, worst_name = err, name
-        logits_err = float((out_sp.logits - out.logits[:, mine]).abs().max())
+        # every rank's own shard of the logits against the reference's same positions
+        logits_err = [0.0] * world
+        dist.all_gather_object(logits_err, float((out_sp.logits - out.logits[:, mine]).abs().max()))
         results.append(dict(ratios=ratios, phase=phase, ref_loss=float(ref_loss), sp_loss=float(sp_loss),
-                            worst_grad_rel_err=worst, worst_grad=worst_name, logits_err=logits_err))
+                            worst_grad_rel_err=worst, worst_grad=worst_name, logits_err_per_rank=logits_err))
     if rank == 0:
         with open(sys.argv[3], "w") as f:
             json.dump(results, f, indent=1)
