@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Streamer:
     """Prints the decoded text as tokens arrive; holds back an incomplete UTF-8 character."""
 
-    def __init__(self, tokenizer, out=sys.stdout) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out=None) -> None:
+        self.tokenizer, self.out = tokenizer, out or sys.stdout
         self.tokens: list[int] = []
         self.printed = 0
 
