@@ -204,3 +204,15 @@ def test_fp8_cache_stores_fp8_and_stays_close_to_fp32():
     # four layers of random weights with unit-scale slot biases and sinks (benchmarks/kv_cache.py reports it for
     # a trained model)
     assert 0 < err <= 0.15, err
+
+
+@pytest.mark.slow
+def test_decode_on_the_triton_kernels_equals_the_full_forward():
+    """The decode step runs the same ops as training, so on CUDA it runs the Triton kernels (here: interpreter)."""
+    model = build([0, 4, HCA])
+    model.set_attention_options(backend="triton")
+    ids = torch.randint(0, 97, (1, 13), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        full = model(ids)
+        got, _ = decode_all(model, ids, 5)
+    assert relative_error(got, full) <= 1e-5
