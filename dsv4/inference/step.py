@@ -50,24 +50,43 @@ def v4_step(attn: V4Attention, cache: V4LayerCache, x: torch.Tensor, positions: 
     q, q_latent = attn.queries(x, positions)
     kv = cache.ring.layout.roundtrip(attn.kv_rows(x, positions))  # [B, T, c] as the ring will hold them
     rows, window_lo, window_hi = _window_rows(cache, kv, positions)
-    compressed, topk_idx, cmp_hi = None, None, torch.zeros_like(positions)
+    start, cmp_hi = positions[:, 0], torch.zeros_like(positions)
     if cache.compressor is not None:
-        start = positions[:, 0]
         cache.compressor.extend(attn.compressor, attn.rotary, x, start)
-        compressed = cache.compressor.read_entries()  # [B, N, c]
         cmp_hi = (positions + 1) // attn.ratio  # entry i is visible once its group has closed
-        if cache.indexer is not None:
-            cache.indexer.extend(attn.indexer.compressor, attn.rotary, x, start)
+    if cache.indexer is not None:
+        cache.indexer.extend(attn.indexer.compressor, attn.rotary, x, start)
     ranges = AttentionRanges(window_lo.int(), window_hi.int(), torch.zeros_like(cmp_hi).int(), cmp_hi.int())
-    if compressed is not None and cache.indexer is not None and opts.phase == "sparse":
-        index_q = attn.indexer.queries(q_latent, attn.rotary, positions)
-        topk_idx = indexer_topk(index_q, cache.indexer.read_entries(), attn.indexer.head_weights(x), attn.ratio,
-                                cfg.index_topk, backend=opts.backend, chunk_size=opts.chunk_size, ranges=ranges)
-        cache.last_topk = topk_idx  # the picks of this step (tests compare them with the full forward's)
+    compressed, topk_idx = _compressed_keys(attn, cache, x, q_latent, positions, ranges)
     out, _ = v4_attention(q, rows, attn.attn_sink, cfg.sliding_window, attn.softmax_scale,
                           compressed_kv=compressed, ratio=attn.ratio, topk_idx=topk_idx, backend=opts.backend,
                           chunk_size=opts.chunk_size, deterministic=opts.deterministic, ranges=ranges)
     return attn.project_out(out, positions)
+
+
+def _compressed_keys(attn: V4Attention, cache: V4LayerCache, x, q_latent, positions, ranges):
+    """The compressed entries the queries read [B, N, c] and, for sparse CSA, each query's picks [B, T, k]
+    (None, None before the first entry). A one-token step reads only its k picked entries."""
+    if cache.compressor is None or int(cache.compressor.count.max()) == 0:
+        return None, None
+    opts = attn.options
+    if cache.indexer is None or opts.phase != "sparse":  # HCA, or CSA in its dense phases: every visible entry
+        return cache.compressor.read_entries(), None
+    index_q = attn.indexer.queries(q_latent, attn.rotary, positions)
+    topk_idx = indexer_topk(index_q, cache.indexer.read_entries(), attn.indexer.head_weights(x), attn.ratio,
+                            attn.cfg.index_topk, backend=opts.backend, chunk_size=opts.chunk_size, ranges=ranges)
+    cache.last_topk = topk_idx  # the picks of this step (tests compare them with the full forward's)
+    if x.shape[1] == 1:  # decode: read (and, in fp8, dequantize) only the k picked entries, not all N
+        return _picked_entries(cache, topk_idx)
+    return cache.compressor.read_entries(), topk_idx
+
+
+def _picked_entries(cache: V4LayerCache, topk_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence: its picked entries [B, k, c] and picks renumbered 0..k-1 (-1 stays "no key")."""
+    picks = topk_idx[:, 0]  # [B, k]
+    entries = cache.compressor.entries.read(index=picks.clamp(min=0))
+    renumbered = torch.arange(picks.shape[1], device=picks.device).expand_as(picks)
+    return entries, torch.where(picks >= 0, renumbered, -1)[:, None]
 
 
 def _window_rows(cache: V4LayerCache, kv: torch.Tensor, positions: torch.Tensor):
