@@ -14,6 +14,8 @@
    width (the small preset's widths, --decode-layers layers: window, then CSA and HCA alternating; random weights;
    one cache per model, prefilled in chunks up to each context, then --decode-steps single-token steps timed).
    Single process; set OMP_NUM_THREADS for the threads.
+4. with --fp8-error PATH: a trained model's next-token logits with the fp8 cache against the full-precision one
+   (error, KL, greedy agreement) over a held-out document of the bundled corpus.
 """
 
 from __future__ import annotations
@@ -172,6 +174,34 @@ def decode_table(contexts: list[int], steps: int, layers: int) -> tuple[list[flo
     return v4, dense
 
 
+def fp8_error_table(path: str, tokens: int, prompt_tokens: int) -> None:
+    """Decode logits of a trained model with the fp8 cache against the full-precision cache, on held-out text."""
+    from data_pipelines.packed import BUNDLED_CORPUS, read_documents, split_every_nth
+    from dsv4.inference import prefill
+    from dsv4.loading import load_model
+
+    loaded = load_model(path)
+    _, held_out = split_every_nth(read_documents(BUNDLED_CORPUS), 0.02)
+    ids = loaded.tokenizer.encode(held_out[0]).ids[: prompt_tokens + tokens]
+    logits = {}
+    with torch.no_grad():
+        for cache_dtype in ("model", "fp8"):
+            cache, last = prefill(loaded.model, ids[:prompt_tokens], cache_dtype)
+            steps = [last] + [forward_step(loaded.model, cache, torch.tensor([[t]]))[0, -1]
+                              for t in ids[prompt_tokens:-1]]
+            logits[cache_dtype] = torch.stack(steps).float()  # [tokens, vocab] next-token logits
+    exact, fp8 = logits["model"], logits["fp8"]
+    rel = float((fp8 - exact).abs().max() / exact.abs().max())
+    kl = torch.nn.functional.kl_div(fp8.log_softmax(-1), exact.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    agree = float((fp8.argmax(-1) == exact.argmax(-1)).float().mean())
+    print(f"## 4. fp8 cache against the {loaded.model.embed.weight.dtype} cache: {path} ({loaded.phase} phase), "
+          f"a held-out bundled document, {prompt_tokens}-token prompt, {len(ids) - prompt_tokens} decode steps\n")
+    print("| max abs logit error / max abs logit | mean KL(full, fp8) per token (nats) | max KL | same greedy token |")
+    print("|---|---|---|---|")
+    print(f"| {rel:.4f} | {float(kl.mean()):.2e} | {float(kl.max()):.2e} | {100 * agree:.1f}% |\n")
+
+
 def plot(path: Path, decode: tuple[list[int], list[float], list[float]] | None) -> None:
     import matplotlib
 
@@ -218,6 +248,9 @@ def main() -> int:
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--decode-layers", type=int, default=4)
+    parser.add_argument("--fp8-error", metavar="PATH", default=None,
+                        help="a trained model (run / checkpoint / export dir): its fp8-cache decode error")
+    parser.add_argument("--fp8-error-tokens", type=int, default=256)
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG to write ('none': no plot)")
     args = parser.parse_args()
     ok = True
@@ -229,6 +262,8 @@ def main() -> int:
     if "decode" in args.tables:
         v4, dense = decode_table(args.decode_contexts, args.decode_steps, args.decode_layers)
         decode = (args.decode_contexts, v4, dense)
+    if args.fp8_error:
+        fp8_error_table(args.fp8_error, args.fp8_error_tokens, prompt_tokens=200)
     if str(args.plot) != "none":
         plot(args.plot, decode)
     if not ok:
