@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,10 +39,11 @@ from dsv4.model import DSV4Model  # noqa: E402
 
 K, M = 2**10, 2**20
 PLOT = ROOT / "benchmarks" / "kv_cache.png"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    values = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+    values = yaml.safe_load((ROOT / "conf" / "model" / f"{name}.yaml").read_text())
     values.update(overrides)
     return ModelConfig.from_dict(values)
 
@@ -134,6 +135,7 @@ def read_off_table(token_counts: list[int]) -> bool:
 def decode_times(model: DSV4Model, contexts: list[int], steps: int, chunk: int = 2048) -> list[float]:
     """Median seconds per single-token step at each context, one cache grown from one context to the next."""
     cache = ModelCache(model, 1)
+    device = model.embed.weight.device
     gen = torch.Generator().manual_seed(0)
     times = []
     with torch.no_grad():
@@ -141,28 +143,32 @@ def decode_times(model: DSV4Model, contexts: list[int], steps: int, chunk: int =
             missing = context - int(cache.lengths[0])
             for first in range(0, missing, chunk):
                 n = min(chunk, missing - first)
-                forward_step(model, cache, torch.randint(0, model.config.vocab_size, (1, n), generator=gen))
-            token = torch.randint(0, model.config.vocab_size, (1, 1), generator=gen)
+                ids = torch.randint(0, model.config.vocab_size, (1, n), generator=gen).to(device)
+                forward_step(model, cache, ids)
+            token = torch.randint(0, model.config.vocab_size, (1, 1), generator=gen).to(device)
             step_times = []
             for _ in range(steps + 1):  # the first step warms up
                 began = time.perf_counter()
                 token = forward_step(model, cache, token)[:, -1].argmax(-1, keepdim=True)
+                int(token)  # wait for the device
                 step_times.append(time.perf_counter() - began)
             times.append(statistics.median(step_times[1:]))
     return times
 
 
-def decode_table(contexts: list[int], steps: int, layers: int) -> tuple[list[float], list[float]]:
-    small = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "small.yaml"))
+def decode_table(contexts: list[int], steps: int, layers: int, device: str = "cpu", dtype: str = "fp32"
+                 ) -> tuple[list[float], list[float]]:
+    small = yaml.safe_load((ROOT / "conf" / "model" / "small.yaml").read_text())
     hca = next(r for r in small["compress_ratios"] if r > 4)
     v4_ratios = [0] + [4 if i % 2 else hca for i in range(1, layers)]  # window, then CSA / HCA alternating
     models = {}
     for label, ratios in (("V4", v4_ratios), ("dense", [-1] * layers)):
         cfg = ModelConfig.from_dict({**small, "num_hidden_layers": layers, "compress_ratios": ratios})
         torch.manual_seed(0)
-        models[label] = DSV4Model(cfg, backend="torch").eval()
+        models[label] = DSV4Model(cfg, backend="auto").to(device, DTYPES[dtype]).eval()
+    where = f"{torch.get_num_threads()} CPU threads" if device == "cpu" else torch.cuda.get_device_name(device)
     print(f"## 3. Decode time per token (small preset widths, {layers} layers: V4 {v4_ratios} vs dense; "
-          f"{torch.get_num_threads()} threads, fp32, batch 1, median of {steps} steps)\n")
+          f"{where}, {dtype}, batch 1, median of {steps} steps)\n")
     v4 = decode_times(models["V4"], contexts, steps)
     dense = decode_times(models["dense"], contexts, steps)
     print("| context | V4 ms/token | dense ms/token | dense / V4 |")
@@ -248,6 +254,8 @@ def main() -> int:
     parser.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--decode-layers", type=int, default=4)
+    parser.add_argument("--device", default="cpu", help="decode table: cpu | cuda")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="decode table: model dtype")
     parser.add_argument("--fp8-error", metavar="PATH", default=None,
                         help="a trained model (run / checkpoint / export dir): its fp8-cache decode error")
     parser.add_argument("--fp8-error-tokens", type=int, default=256)
@@ -260,7 +268,7 @@ def main() -> int:
     if "read-off" in args.tables:
         ok = read_off_table(args.read_off_tokens)
     if "decode" in args.tables:
-        v4, dense = decode_table(args.decode_contexts, args.decode_steps, args.decode_layers)
+        v4, dense = decode_table(args.decode_contexts, args.decode_steps, args.decode_layers, args.device, args.dtype)
         decode = (args.decode_contexts, v4, dense)
     if args.fp8_error:
         fp8_error_table(args.fp8_error, args.fp8_error_tokens, prompt_tokens=200)
