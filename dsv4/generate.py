@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--prefill-chunk={args.prefill_chunk}: must be >= 1")
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                               "cpu" if args.device == "auto" else args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device={args.device}: CUDA is not available here (use --device cpu)")
         dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         from dsv4.loading import load_model
 

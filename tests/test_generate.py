@@ -93,6 +93,8 @@ def test_bad_inputs_are_named_before_any_work(tmp_path, capsys):
     assert "more than the model's vocab_size (1000)" in fails(capsys, small_vocab, "--prompt", "hi")
     assert "--temperature=-1.0: must be >= 0" in fails(capsys, good, "--prompt", "hi", "--temperature", "-1")
     assert "--top-p=1.5" in fails(capsys, good, "--prompt", "hi", "--top-p", "1.5")
+    if not torch.cuda.is_available():
+        assert "--device=cuda: CUDA is not available" in fails(capsys, good, "--prompt", "hi", "--device", "cuda")
 
 
 def test_loaded_model_runs_in_the_phase_its_training_ended_in(tmp_path):
