@@ -347,33 +347,37 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any
 COLORS = {"v4": "tab:blue", "dense": "tab:orange", "window": "tab:green", "csa": "tab:purple", "hca": "tab:brown"}
 
 
-def _pyplot():
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt
+    return plt.subplots(figsize=(6.4, 4.2))
 
 
-def plot_val_loss(runs: list[dict[str, Any]], path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in runs:
-        steps, losses = zip(*r["val_curve"])
-        ax.plot(steps, losses, color=COLORS.get(r["variant"]), linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
-                marker=".", label=f"{r['variant']} seed {r['seed']}")
-    ax.set(xlabel="step", ylabel="validation loss (run's mixture)", title="Validation loss")
-    ax.legend(fontsize=8)
+def _save(fig, ax, path: Path, legend_size: int = 8) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=legend_size)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def plot_val_loss(runs: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = _figure()
+    for r in runs:
+        steps, losses = zip(*r["val_curve"])
+        ax.plot(steps, losses, color=COLORS.get(r["variant"]), linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
+                marker=".", label=f"{r['variant']} seed {r['seed']}")
+    ax.set(xlabel="step", ylabel="validation loss (run's mixture)", title="Validation loss")
+    _save(fig, ax, path)
+
+
 def plot_positions(rows: list[dict[str, Any]], window: int, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure()
     for r in rows:
         centers = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
         ax.plot(centers, [b["loss"] for b in r["buckets"]], marker="o", color=COLORS.get(r["variant"]),
@@ -381,16 +385,11 @@ def plot_positions(rows: list[dict[str, Any]], window: int, path: Path) -> None:
     ax.axvline(window, color="grey", linestyle="--", label=f"W = {window}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="position in document (bucket centre)", ylabel="mean loss", title="Loss by position")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def plot_passkey(rows: list[dict[str, Any]], window: int, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure()
     for r in rows:
         lengths = [int(n) for n in r["passkey"]]
         ax.plot(lengths, [r["passkey"][str(n)][0] for n in lengths], marker="o", color=COLORS.get(r["variant"]),
@@ -401,16 +400,11 @@ def plot_passkey(rows: list[dict[str, Any]], window: int, path: Path) -> None:
     ax.axvline(window, color="grey", linestyle="--", label=f"W = {window}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="prompt length (tokens)", ylabel="accuracy", ylim=(-0.02, 1.02), title="Passkey retrieval")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, 7)
 
 
 def plot_recall(runs: list[dict[str, Any]], train, path: Path) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = _figure()
     dense_end = train.phases.dense_steps
     warm_end = dense_end + train.phases.indexer_warmup_steps
     ax.axvspan(0, dense_end, color="tab:grey", alpha=0.15, label="dense phase")
@@ -426,11 +420,7 @@ def plot_recall(runs: list[dict[str, Any]], train, path: Path) -> None:
             ax.plot([train.steps], [end], marker="*", markersize=10, color=COLORS.get(r["variant"]))
     ax.set(xlabel="step", ylabel="indexer recall (CSA, sparse)", ylim=(0, 1.02), xlim=(0, train.steps),
            title="Indexer recall (training; * = held-out text at the end)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path, 7)
 
 
 # ---------------------------------------------------------------- the command
@@ -445,7 +435,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3", help="learning rates tried per variant (one: no trials)")
     p.add_argument("--scale", type=float, default=1.0, help="every run's steps (schedule, phases, intervals alike) "
                                                               "x this: 0.25 for a pilot, 10 for a longer run")
-    p.add_argument("--trial-fraction", type=float, default=0.25, help="length of an LR trial, share of the steps")
+    p.add_argument("--trial-fraction", type=float, default=0.2, help="length of an LR trial, share of the steps")
     p.add_argument("--passkey-per-cell", type=int, default=4, help="passkey prompts per (length, depth)")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the evaluation's losses")
     p.add_argument("--toy", action="store_true", help="a few steps at tiny sizes (a smoke test, not a result)")
