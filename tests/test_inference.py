@@ -180,7 +180,8 @@ def test_sampling_is_seeded_and_respects_top_k():
 @pytest.mark.parametrize("cache_dtype", ["model", "fp8"])
 @pytest.mark.parametrize("tokens", [1, 7, 29])
 def test_cache_bytes_read_off_the_tensors_equal_the_formula(cache_dtype, tokens):
-    model = build([0, 4, HCA, -1], head_dim=80, qk_rope_head_dim=16, index_head_dim=16)  # 64 non-RoPE channels + a partial tile
+    # 64 non-RoPE channels: one full scale tile and a partial one
+    model = build([0, 4, HCA, -1], head_dim=80, qk_rope_head_dim=16, index_head_dim=16)
     with torch.no_grad():
         cache, _ = prefill(model, list(range(1, tokens + 1)), cache_dtype=cache_dtype)
     assert cache.nbytes() == v4_cache_terms(model.config, tokens, cache_dtype, element_size=4)

@@ -16,8 +16,8 @@ without a GPU the backend says so and runs on the CPU.
 
 Requests: loglikelihood (sum of the continuation's log-probabilities, and whether greedy decoding would produce it),
 loglikelihood_rolling (the whole text in disjoint windows of max_length, each with as much preceding context as
-fits) and generate_until (greedy decoding through dsv4.evaluation.decoding.greedy_continue, cut at the first stop
-string or EOS; sampling is not supported).
+fits) and generate_until (greedy decoding with the KV cache, through dsv4.evaluation.decoding.greedy_continue,
+cut at the first stop string or EOS; sampling is not supported).
 """
 
 from __future__ import annotations
