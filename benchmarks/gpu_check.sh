@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session (fits one 10-minute device call): the Triton kernels' correctness on CUDA (the
 # tests CI runs under the interpreter), the attention core against its roofline (both dK=V paths, plus one
-# launch-config candidate), then the layer table against dense attention. Each stage has its own time limit,
+# launch-config candidate), the layer table against dense attention, then decode time per token with the KV cache
+# (V4 vs dense, bf16) as the context grows. Each stage has its own time limit,
 # and every output lands in $OUT (default benchmarks/gpu_out) as it is produced.
 #   bash benchmarks/gpu_check.sh     # then copy the tables into benchmarks/RESULTS.md with the date, the GPU
 #                                    # and the commit (commit.txt)
@@ -28,3 +29,5 @@ stage core 150 python benchmarks/attention_core.py --lengths 16384 65536 131072 
 stage core_tuned 45 python benchmarks/attention_core.py --lengths 65536 --modes csa --dkv deterministic \
   --repeats 3 --tune fwd:BLOCK_H=64,num_warps=8
 stage layer 200 python benchmarks/attention.py --lengths 4096 16384 65536 131072 --repeats 3
+stage decode 45 python benchmarks/kv_cache.py --tables decode --device cuda --dtype bf16 --decode-layers 12 \
+  --decode-contexts 4096 16384 65536 --decode-steps 16 --plot none

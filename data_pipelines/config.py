@@ -13,14 +13,24 @@ from omegaconf import OmegaConf
 
 from data_pipelines.packed import DataError
 
-SOURCE_KINDS = ("bundled", "files", "hub")
+SOURCE_KINDS = ("bundled", "files", "hub", "passkey")
 FILE_FORMATS = ("auto", "json", "parquet", "text")
+
+
+@dataclass
+class PasskeyConfig:
+    """kind: passkey -- synthetic retrieval documents (data_pipelines/passkey.py) over bundled-corpus filler."""
+    digits: int = 5  # key length
+    min_tokens: int = 64  # document length in tokens, uniform in [min_tokens, max_tokens]
+    max_tokens: int = 512
+    val_documents: int = 32  # documents in the validation split
 
 
 @dataclass
 class SourceConfig:
     """One data source of a (mixture) stream; `kind` says which keys apply."""
     kind: str = "files"  # bundled (a <|doc|>-separated .txt/.txt.gz) | files (json/jsonl/parquet/text globs) | hub
+    #                      | passkey (synthetic key retrieval over the bundled corpus, or `path` in its format)
     name: str | None = None  # label in logs and proportions; default: derived from path / hub name
     path: Any = None  # files: a glob or list of globs; bundled: a file (null: the bundled corpus)
     format: str = "auto"  # files: auto (from the extension) | json (JSON lines) | parquet | text
@@ -31,6 +41,7 @@ class SourceConfig:
     text_field: str = "text"  # json / parquet / hub: the column holding the document text
     weight: float = 1.0  # mixture weight (relative; proportions of documents)
     val_path: Any = None  # files: held-out files for validation (null: hold out by val_fraction)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # passkey: its settings
 
 
 @dataclass
@@ -97,6 +108,8 @@ def _check_data(data: DataConfig, need) -> None:
             need(_globs(src.path) is not None, f"{key}.path", src.path, "give a file glob or a list of globs")
         if src.kind == "hub":
             need(bool(src.hub), f"{key}.hub", src.hub, "give the dataset's name on the Hub, e.g. 'user/dataset'")
+        if src.kind == "passkey":
+            _check_passkey(src.passkey, f"{key}.passkey", need)
         if src.kind != "files":
             need(src.val_path is None, f"{key}.val_path", src.val_path, "only files sources take held-out files")
         if src.val_path is not None:
@@ -104,6 +117,13 @@ def _check_data(data: DataConfig, need) -> None:
         name = src.name or f"source{i}"
         need(name not in names, f"{key}.name", src.name, "source names must be unique")
         names.add(name)
+
+
+def _check_passkey(p: PasskeyConfig, key: str, need) -> None:
+    need(1 <= p.digits <= 32, f"{key}.digits", p.digits, "must be in [1, 32]")
+    need(p.min_tokens >= 1, f"{key}.min_tokens", p.min_tokens, "must be >= 1")
+    need(p.max_tokens >= p.min_tokens, f"{key}.max_tokens", p.max_tokens, f"must be >= min_tokens ({p.min_tokens})")
+    need(p.val_documents >= 1, f"{key}.val_documents", p.val_documents, "must be >= 1")
 
 
 def _globs(value: Any) -> list[str] | None:

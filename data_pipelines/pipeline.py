@@ -35,7 +35,7 @@ import torch
 
 from data_pipelines.mixture import Mixture
 from data_pipelines.packed import DataError, Packer, sequence_tensors
-from data_pipelines.sources import SKIP_KINDS, DocumentStream, SourceSpec, resolve_sources
+from data_pipelines.sources import SKIP_KINDS, SourceSpec, open_stream, resolve_sources
 from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
 
 STATE_VERSION = 1
@@ -94,9 +94,9 @@ class LanePipeline:
         self.tokenizer = load_tokenizer(plan.tokenizer)
         state = state or {}
         self.streams = [
-            DocumentStream(spec, split, lane, num_lanes, seed=seed, val_fraction=plan.val_fraction,
-                           on_bad_row=plan.on_bad_row, shuffle_files=plan.shuffle_files,
-                           state=(state.get("sources") or [None] * len(plan.sources))[i])
+            open_stream(spec, split, lane, num_lanes, seed=seed, val_fraction=plan.val_fraction,
+                        on_bad_row=plan.on_bad_row, shuffle_files=plan.shuffle_files,
+                        state=(state.get("sources") or [None] * len(plan.sources))[i], tokenizer=self.tokenizer)
             for i, spec in enumerate(plan.sources)]
         self.mixture = Mixture([s.weight for s in plan.sources], [seed, lane, num_lanes, split == "val"],
                                state.get("mixture"), by=plan.mix_by)

@@ -8,12 +8,14 @@ exactly from `IterableDataset.state_dict()` -- never by skipping N samples.
 Training order: the bundled corpus is reshuffled by document every epoch; file sources (data.shuffle_files,
 default on) read their files (shards) in a new order every epoch, seeded by (seed, epoch) so every rank and lane
 agrees and a resume reproduces it; rows within a file stay in file order (the lanes' sequence pools mix them).
-Hub datasets are read in the order the Hub serves them.
+Hub datasets are read in the order the Hub serves them. Passkey sources (data_pipelines/passkey.py) generate
+synthetic retrieval documents over bundled-corpus filler, seeded per lane.
 
 Held-out validation documents:
   bundled      every Nth document (N = 1 / data.val_fraction), as the corpus is read whole anyway;
   files        `val_path` files if given, else documents whose text hash falls in data.val_fraction;
-  hub          documents whose text hash falls in data.val_fraction.
+  hub          documents whose text hash falls in data.val_fraction;
+  passkey      a fixed set of `passkey.val_documents` documents over the held-out bundled documents.
 A hash split needs no document index (which streaming across shards and ranks does not give), is the same on
 every rank and after any resume, and never changes which documents train.
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.packed import BUNDLED_CORPUS, DataError, read_documents, split_every_nth
+from data_pipelines.passkey import PasskeySpec, PasskeyStream
 
 FORMAT_OF_SUFFIX = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".txt": "text",
                     ".text": "text", ".md": "text"}
@@ -51,8 +54,8 @@ class SourceSpec:
     index: int
     key: str  # config key for messages, e.g. "data.sources[1]" or "data.path"
     name: str
-    kind: str  # bundled | files | hub
-    format: str  # bundled | json | parquet | text | hub
+    kind: str  # bundled | files | hub | passkey
+    format: str  # bundled | json | parquet | text | hub | passkey
     files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
     sample_by: str = "document"
@@ -61,8 +64,12 @@ class SourceSpec:
     split: str = "train"
     text_field: str = "text"
     weight: float = 1.0
+    passkey: PasskeySpec | None = None  # passkey: its settings (files[0] is the filler corpus)
 
     def describe(self) -> str:
+        if self.kind == "passkey":
+            p = self.passkey
+            return f"{self.name} (passkey, {p.digits} digits, {p.min_tokens}-{p.max_tokens} tokens)"
         if self.kind == "hub":
             return f"{self.name} (hub {self.hub}{'/' + self.hub_config if self.hub_config else ''}:{self.split})"
         if self.kind == "bundled":
@@ -87,6 +94,14 @@ def resolve_sources(data: Any) -> list[SourceSpec]:
             read_documents(path, f"{key}.path")
             specs.append(SourceSpec(i, key, src.name or f"bundled{i}", "bundled", "bundled", files=(str(path),),
                                     weight=float(src.weight)))
+        elif src.kind == "passkey":
+            path = Path(src.path) if src.path else BUNDLED_CORPUS
+            read_documents(path, f"{key}.path")
+            p = src.passkey
+            specs.append(SourceSpec(i, key, src.name or f"passkey{i}", "passkey", "passkey", files=(str(path),),
+                                    weight=float(src.weight),
+                                    passkey=PasskeySpec(int(p.digits), int(p.min_tokens), int(p.max_tokens),
+                                                        int(p.val_documents))))
         elif src.kind == "files":
             files = expand_globs(src.path, f"{key}.path")
             fmt = file_format(files, src.format, f"{key}.format")
@@ -258,6 +273,17 @@ def open_dataset(spec: SourceSpec, split: str, *, epoch: int = 0, seed: int = 0,
 def is_held_out(text: str, val_fraction: float) -> bool:
     """Stable hash split: the same answer on every rank, worker and run."""
     return zlib.crc32(text.encode("utf-8")) % HASH_BUCKETS < val_fraction * HASH_BUCKETS
+
+
+def open_stream(spec: SourceSpec, split: str, lane: int, num_lanes: int, *, seed: int, val_fraction: float,
+                on_bad_row: str, shuffle_files: bool = False, state: dict[str, Any] | None = None,
+                tokenizer: Any = None) -> DocumentStream | PasskeyStream:
+    """The document stream of one source for one lane: generated passkey documents, or a DocumentStream."""
+    if spec.kind == "passkey":
+        return PasskeyStream(spec, split, lane, num_lanes, seed=seed, val_fraction=val_fraction,
+                             tokenizer=tokenizer, state=state)
+    return DocumentStream(spec, split, lane, num_lanes, seed=seed, val_fraction=val_fraction, on_bad_row=on_bad_row,
+                          shuffle_files=shuffle_files, state=state)
 
 
 class DocumentStream:

@@ -91,11 +91,8 @@ class V4Attention(nn.Module):
             starts = group_starts(positions, self.ratio) if self.ratio else None
             ranges = document_ranges(positions, cfg.sliding_window, self.ratio, starts)
         doc_positions = positions if documents else None
-        q_latent = self.q_norm(self.wq_a(x))  # [B, S, d_c]
-        q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
-        q = rms_normalize(q, cfg.rms_norm_eps)  # per head, no gain
-        q = self.rotary(q, positions)
-        kv = self.rotary(self.kv_norm(self.wkv(x)), positions)  # [B, S, c]
+        q, q_latent = self.queries(x, positions)
+        kv = self.kv_rows(x, positions)
 
         compressed = None
         topk_idx = None
@@ -148,9 +145,26 @@ class V4Attention(nn.Module):
         if opts.collect_stats:
             self._record_stats(q, compressed, lse, topk_idx, ranges)
 
+        return self.project_out(out, positions), indexer_loss
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d] -> (q [B, S, H, c] normalised per head and RoPE'd, the query latent c_Q [B, S, d_c])."""
+        batch, seq_len, _ = x.shape
+        q_latent = self.q_norm(self.wq_a(x))  # [B, S, d_c]
+        q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
+        q = rms_normalize(q, self.cfg.rms_norm_eps)  # per head, no gain
+        return self.rotary(q, positions), q_latent
+
+    def kv_rows(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d] -> the shared K=V rows [B, S, c] (kv_norm, then RoPE at each token's position)."""
+        return self.rotary(self.kv_norm(self.wkv(x)), positions)
+
+    def project_out(self, out: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, S, H, c] -> [B, S, d]: de-rotate at the query position, grouped wo_a, wo_b."""
+        batch, seq_len = out.shape[:2]
         out = self.rotary(out, positions, inverse=True)  # de-rotate at the query position
-        out = out.reshape(batch, seq_len, cfg.o_groups, -1)  # consecutive heads per group
-        return self.wo_b(self.wo_a(out)), indexer_loss
+        out = out.reshape(batch, seq_len, self.cfg.o_groups, -1)  # consecutive heads per group
+        return self.wo_b(self.wo_a(out))
 
     @torch.no_grad()
     def _record_stats(self, q, compressed, lse, topk_idx, ranges) -> None:
@@ -289,9 +303,7 @@ class DenseAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False
                 ) -> tuple[torch.Tensor, None]:
         batch, seq_len, _ = x.shape
-        q = self.rotary(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), positions)
-        k = self.rotary(self.wk(x).view(batch, seq_len, self.n_kv, self.head_dim), positions)
-        v = self.wv(x).view(batch, seq_len, self.n_kv, self.head_dim)
+        q, k, v = self.projections(x, positions)
         sp = self.options.sequence_parallel if self.options is not None else None
         mask = None
         if documents:  # causal AND same document: [B, 1, S, S] over the whole sequence
@@ -309,3 +321,11 @@ class DenseAttention(nn.Module):
                                              attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1)), None
+
+    def projections(self, x: torch.Tensor, positions: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, d] -> q [B, S, H, d_h], k and v [B, S, n_kv, d_h] (RoPE on q and k)."""
+        batch, seq_len, _ = x.shape
+        q = self.rotary(self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim), positions)
+        k = self.rotary(self.wk(x).view(batch, seq_len, self.n_kv, self.head_dim), positions)
+        return q, k, self.wv(x).view(batch, seq_len, self.n_kv, self.head_dim)

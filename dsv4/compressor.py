@@ -54,9 +54,22 @@ class Compressor(nn.Module):
         logits = self.wgate(x).view(batch, n_groups, r, -1) + self.ape.float()
         group = torch.arange(n_groups, device=x.device)
         has_lookback = group > (0 if (not prefix or prefix_valid) else 1)  # entry 0 has no previous group
-        pooled = self._pool(values, logits, self._previous(values), self._previous(logits), has_lookback)
-        entries = rotary(self.norm(pooled), start_pos + group * r).to(x.dtype)
+        entries = self.pool_groups(values, logits, self._previous(values), self._previous(logits), has_lookback,
+                                   rotary, start_pos + group * r).to(x.dtype)
         return entries[:, 1:] if prefix else entries
+
+    def project(self, x: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's (values, logits) [B, S, width] fp32; slots [S] or [B, S]: the token's slot in its group
+        (position % ratio), which picks its row of the slot bias `ape`."""
+        return self.wkv(x), self.wgate(x) + self.ape.float()[slots]
+
+    def pool_groups(self, values, logits, prev_values, prev_logits, has_lookback, rotary: Rotary,
+                    entry_positions: torch.Tensor) -> torch.Tensor:
+        """Complete groups -> their entries [B, G, dim] fp32. values / logits [B, G, r, width] (logits with the
+        slot bias), prev_* the previous group's rows (only their lookback half is read; CSA), has_lookback
+        broadcastable to [B, G] (False: no previous group), entry_positions: each group's first token."""
+        pooled = self._pool(values, logits, prev_values, prev_logits, has_lookback)
+        return rotary(self.norm(pooled), entry_positions)
 
     @staticmethod
     def _previous(t: torch.Tensor) -> torch.Tensor:
@@ -93,9 +106,8 @@ class Compressor(nn.Module):
         prev_rows = (rows - r).clamp(min=0)
         prev_values = values_all[batch_ix, prev_rows]
         prev_logits = logits_all[batch_ix, prev_rows] + self.ape.float()
-        pooled = self._pool(values, logits, prev_values, prev_logits, has_lookback)
-        entries = rotary(self.norm(pooled), entry_pos) * valid[..., None]
-        return entries.to(x.dtype)
+        entries = self.pool_groups(values, logits, prev_values, prev_logits, has_lookback, rotary, entry_pos)
+        return (entries * valid[..., None]).to(x.dtype)
 
 
 class Indexer(nn.Module):
@@ -118,9 +130,7 @@ class Indexer(nn.Module):
         """-> index_q [B, S, n_I, c_I], index_k [B, N, c_I], weights [B, S, n_I]. x_prefixed / prefix_valid:
         see Compressor.forward (sequence parallelism; index_k then holds this rank's entries only)."""
         x, q_latent = x.detach(), q_latent.detach()
-        batch, seq_len, _ = x.shape
-        index_q = self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim)
-        index_q = rotary(index_q, positions)
+        index_q = self.queries(q_latent, rotary, positions)
         if doc_positions is not None:  # packed documents (under sequence parallelism: x_prefixed, prefixed rows)
             source = x_prefixed.detach() if x_prefixed is not None else x
             index_k = self.compressor(source, rotary, start_pos, doc_positions, starts)
@@ -129,5 +139,13 @@ class Indexer(nn.Module):
                                       prefix_valid=prefix_valid)
         else:
             index_k = self.compressor(x, rotary, start_pos, doc_positions, starts)
-        weights = self.weights_proj(x).float() * self.weight_scale
-        return index_q, index_k, weights
+        return index_q, index_k, self.head_weights(x)
+
+    def queries(self, q_latent: torch.Tensor, rotary: Rotary, positions: torch.Tensor) -> torch.Tensor:
+        """The query latent [B, S, d_c] -> indexer queries [B, S, n_I, c_I], RoPE'd at each query's position."""
+        batch, seq_len, _ = q_latent.shape
+        return rotary(self.wq_b(q_latent).view(batch, seq_len, self.n_heads, self.head_dim), positions)
+
+    def head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, S, d] -> per-head score weights [B, S, n_I] fp32, with the 1/sqrt(c_I n_I) scale folded in."""
+        return self.weights_proj(x).float() * self.weight_scale

@@ -89,7 +89,17 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(ckpt_dir / tag)})
     (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
     _save_tokenizer(ckpt_dir.parent, out)
+    _save_training_info(ckpt_dir, tag, out)
     return out
+
+
+def _save_training_info(ckpt_dir: Path, tag: str, out: Path) -> None:
+    """The step and CSA attention phase the weights were trained to, so the export runs in that phase."""
+    from dsv4.loading import TRAINING_INFO, ModelSource, _run_config, trained_phase
+
+    source = ModelSource("checkpoint", ckpt_dir / tag, ckpt_dir.parent)
+    info = {"checkpoint": tag, "attention_phase": trained_phase(source, _run_config(ckpt_dir.parent))}
+    (out / TRAINING_INFO).write_text(json.dumps(info, indent=2))
 
 
 def _save_tokenizer(run_dir: Path, out: Path) -> None:

@@ -33,6 +33,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # {"eos_token": ...} beside an export's tokenizer.json
+TRAINING_INFO = "training.json"  # {"step": ..., "attention_phase": ...} beside an export's weights
 
 
 @dataclass
@@ -55,6 +56,7 @@ class LoadedModel:
     eos_id: int
     source: ModelSource
     run_config: Any = None  # the run's composed config (OmegaConf) when the run directory is known
+    phase: str = "sparse"  # the CSA attention phase the model runs in (the one its training ended in)
 
 
 def is_export_dir(path: Path) -> bool:
@@ -129,6 +131,28 @@ def _state_dict(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tenso
         return cfg, consolidated_state_dict(ckpt_dir, tag)
 
 
+def trained_phase(source: ModelSource, run_config) -> str:
+    """The CSA phase of the last step the weights were trained in: a model whose run stopped before the sparse
+    phase attends to every visible compressed entry, as it was trained to (its indexer may still be untrained).
+    Exports record it in training.json; a checkpoint's run config and step tell it; otherwise "sparse"."""
+    if source.kind == "export":
+        info_path = source.path / TRAINING_INFO
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        return info.get("attention_phase", "sparse")
+    from dsv4.training.checkpointing import TAG_RE
+
+    match = TAG_RE.match(source.path.name)
+    if run_config is None or match is None:
+        return "sparse"
+    from dsv4.training.config import phase_for_step, resolve_config
+
+    try:
+        train = resolve_config(run_config).train
+    except (ConfigError, ValueError, TypeError, KeyError):  # a run config of another version: assume sparse
+        return "sparse"
+    return phase_for_step(train, max(int(match.group(1)) - 1, 0))
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
     """ConfigError naming the first parameter that is missing, unexpected or of another shape."""
     expected = model.state_dict()
@@ -144,12 +168,14 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], lab
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               backend: str = "auto", key: str = "path") -> LoadedModel:
-    """The model at `path` (see the module docstring) in eval mode on `device` in `dtype`, with its tokenizer."""
+               backend: str = "auto", key: str = "path", phase: str | None = None) -> LoadedModel:
+    """The model at `path` (see the module docstring) in eval mode on `device` in `dtype`, with its tokenizer.
+    phase: the CSA attention phase; None = the one its training ended in (see trained_phase)."""
     source = find_source(path, key)
     run_config = _run_config(source.run_dir)
     cfg, state = _state_dict(source)
-    model = DSV4Model(cfg, backend=backend, phase="sparse")
+    phase = phase or trained_phase(source, run_config)
+    model = DSV4Model(cfg, backend=backend, phase=phase)
     check_state_dict(model, state, source.label)
     model.load_state_dict(state, strict=True)
     model = model.to(device=device, dtype=dtype).eval()
@@ -157,4 +183,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"{source.label}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "
                           f"model's vocab_size ({cfg.vocab_size}); this model was not trained with it")
-    return LoadedModel(model, cfg, tokenizer, eos_id, source, run_config)
+    return LoadedModel(model, cfg, tokenizer, eos_id, source, run_config, phase)

@@ -51,3 +51,15 @@ def test_core_benchmark_refuses_cpu_without_interpreter(repo_root):
     proc = subprocess.run([sys.executable, "benchmarks/attention_core.py"], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_kv_cache_benchmark_reads_the_real_cache_and_matches_the_report(repo_root, tmp_path):
+    out = run(repo_root, "benchmarks/kv_cache.py", "--read-off-tokens", "1", "37", "--decode-contexts", "64", "128",
+              "--decode-steps", "1", "--decode-layers", "3", "--plot", str(tmp_path / "kv.png"))
+    section = out.split("## 2.")[1].split("## 3.")[0]
+    read_off = [line.split("|") for line in section.splitlines() if line.startswith(("| model |", "| fp8 |"))]
+    assert len(read_off) == 4 and all(cells[5].strip() == "yes" for cells in read_off)  # real bytes == formula
+    flash_fp8_1m = next(line for line in out.split("### pro")[0].splitlines() if line.startswith("| fp8 | 1024K"))
+    vs_gqa = float(flash_fp8_1m.split("|")[9].strip().rstrip("%"))
+    assert 2.0 <= vs_gqa <= 2.5  # the report: about 2% of a BF16 GQA-8 cache
+    assert "dense / V4" in out and (tmp_path / "kv.png").stat().st_size > 10_000

@@ -9,8 +9,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from data_pipelines.config import (  # noqa: F401 (SourceConfig: importable here with the run's other configs)
+from data_pipelines.config import (  # noqa: F401 (importable here with the run's other configs)
     DataConfig,
+    PasskeyConfig,
     SourceConfig,
     check_data_config,
     typed,

@@ -1,0 +1,123 @@
+"""What evaluation reads: the run's own validation split (exactly the trainer's), another source, the settings a
+run was trained with, and the held-out documents the passkey filler comes from."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv4.config import ConfigError
+from dsv4.loading import TOKENIZER, TOKENIZER_CONFIG, LoadedModel
+
+DEFAULT_SEQ_LEN = 512  # a model without its run (an export): unless --seq-len says otherwise
+DEFAULT_BATCH_SIZE = 8
+DEFAULT_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The training run's settings evaluation follows (defaults for a model without its run)."""
+    seq_len: int = DEFAULT_SEQ_LEN
+    micro_batch: int = DEFAULT_BATCH_SIZE
+    seed: int = 1234
+    eval_batches: int = DEFAULT_BATCHES
+    dp_world: int = 1  # data-parallel ranks: the trainer's validation set is their shares together
+    documents: bool = False  # trained with document masking (data.cross_document_attention=false)
+    val_fraction: float = 0.02
+    final_phase: str = "sparse"  # the CSA phase the run ended in (the trainer's validation ran in it)
+    data: Any = None  # the run's DataConfig
+    passkey_digits: int | None = None  # the run's passkey source's key length, if it trained on one
+
+
+def run_settings(loaded: LoadedModel) -> RunSettings:
+    if loaded.run_config is None:
+        return RunSettings()
+    from dsv4.training.config import phase_for_step, resolve_config
+
+    try:
+        run = resolve_config(loaded.run_config)
+    except ConfigError as e:
+        raise ConfigError(f"{loaded.source.run_dir / 'config.yaml'}: {e}") from None
+    passkey = [s.passkey.digits for s in run.data.sources if s.kind == "passkey"]
+    return RunSettings(seq_len=run.train.seq_len, micro_batch=run.train.micro_batch_size, seed=run.train.seed,
+                       eval_batches=run.train.eval_batches, dp_world=_dp_world(loaded, run),
+                       documents=not run.data.cross_document_attention, val_fraction=run.data.val_fraction,
+                       final_phase=phase_for_step(run.train, run.train.steps - 1), data=run.data,
+                       passkey_digits=passkey[0] if passkey else None)
+
+
+def _dp_world(loaded: LoadedModel, run: Any) -> int:
+    """Data-parallel ranks of the run, from the checkpoint's manifest (1 when it does not say)."""
+    from dsv4.training.checkpointing import MANIFEST, read_manifest
+
+    if loaded.source.kind != "checkpoint" or not (loaded.source.path / MANIFEST).is_file():
+        return 1
+    world = int(read_manifest(loaded.source.path).get("world_size") or 1)
+    return max(1, world // run.parallel.sequence_parallel_size)
+
+
+def tokenizer_setting(loaded: LoadedModel, settings: RunSettings) -> tuple[str | None, str | None]:
+    """(data.tokenizer, data.eos_token) that load the model's own tokenizer."""
+    import json
+
+    if loaded.source.kind == "export" and (loaded.source.path / TOKENIZER).is_file():
+        meta = loaded.source.path / TOKENIZER_CONFIG
+        eos = json.loads(meta.read_text()).get("eos_token") if meta.is_file() else None
+        return str(loaded.source.path / TOKENIZER), eos
+    if settings.data is not None:
+        return settings.data.tokenizer, settings.data.eos_token
+    return None, None
+
+
+def data_config_for(spec: str, loaded: LoadedModel, settings: RunSettings) -> tuple[Any, bool]:
+    """A DataConfig for `--data`: `bundled` (the bundled corpus), `bundled:PATH` (a <|doc|>-separated file) or a
+    file glob (json lines / parquet / text). Returns (config, read every document) -- files are evaluated whole,
+    the bundled formats on their held-out documents."""
+    from dsv4.training.config import DataConfig, SourceConfig
+
+    tokenizer, eos = tokenizer_setting(loaded, settings)
+    common = {"tokenizer": tokenizer, "eos_token": eos, "num_workers": 0, "val_fraction": settings.val_fraction}
+    if spec == "bundled" or spec.startswith("bundled:"):
+        path = spec.split(":", 1)[1] if ":" in spec else None
+        return DataConfig(sources=[SourceConfig(kind="bundled", name="bundled", path=path)], **common), False
+    return DataConfig(sources=[SourceConfig(kind="files", name=Path(spec).stem or "data", path=spec)], **common), True
+
+
+def validation_batches(loaded: LoadedModel, settings: RunSettings, data: str | None, num_batches: int,
+                       seq_len: int, batch_size: int) -> tuple[list[dict[str, torch.Tensor]], str]:
+    """Micro-batches to evaluate on, and what they are. Without `data`: the run's own validation split, built as
+    the trainer builds it (all data-parallel ranks' shares), so the loss equals the trainer's."""
+    from data_pipelines import DataError, StreamingData, prepare_data
+
+    if data is None:
+        if settings.data is None:
+            raise ConfigError(f"--data: {loaded.source.label} has no training run beside it (an export), so it has "
+                              "no validation split of its own; give --data bundled or a file")
+        config, whole = dataclasses.replace(settings.data, num_workers=0), False
+    else:
+        config, whole = data_config_for(data, loaded, settings)
+    try:
+        plan = prepare_data(config)
+    except DataError as e:
+        raise ConfigError(f"--data: {e}") from None
+    if whole:  # read every document of the given files: they are the validation files
+        plan = dataclasses.replace(plan, sources=tuple(dataclasses.replace(s, val_files=s.files)
+                                                       for s in plan.sources))
+    stream = StreamingData(plan, seq_len, batch_size, settings.seed, 0, 1)
+    batches = stream.val_batches(num_batches * (settings.dp_world if data is None else 1))
+    if not batches:
+        raise ConfigError(f"--data: {data or 'the validation split'} gives no full sequence of {seq_len} tokens")
+    what = plan.describe() + (" (every document)" if whole else " (held-out split)")
+    return batches, what
+
+
+def held_out_documents(settings: RunSettings) -> list[str]:
+    """The bundled corpus' held-out documents (the passkey filler: text no bundled-corpus run trained on)."""
+    from data_pipelines.packed import BUNDLED_CORPUS
+    from data_pipelines.sources import _bundled_split
+
+    return list(_bundled_split(str(BUNDLED_CORPUS), settings.val_fraction)[1])

@@ -1,0 +1,139 @@
+"""An lm-evaluation-harness model backend for dsv4 models (a plugin: nothing of lm-eval is forked or patched).
+
+    python -m dsv4.evaluation.harness --model dsv4 --model_args path=outputs/exp1 --tasks hellaswag
+    python -m dsv4.evaluation.harness --model dsv4 --model_args path=EXPORT_DIR,max_length=1024 \\
+        --tasks my_task --include_path my_tasks/ --output_path results/ --log_samples
+
+The command is lm-eval's own CLI (`lm_eval`, every option the same) with this module imported first, which
+registers the model name `dsv4`: lm-eval 0.4 finds models only in its own table or in modules imported before its
+CLI runs (it reads no plugin entry points). In Python, `import dsv4.evaluation.harness` and then
+`lm_eval.simple_evaluate(model="dsv4", model_args="path=...")`.
+
+model_args: path (a run, checkpoint or export directory, loaded by dsv4.loading.load_model), max_length (default:
+the run's train.seq_len, else 2048; longer inputs keep their last tokens), device (cpu / cuda), dtype (float32 /
+bfloat16), backend (the attention backend), phase (CSA phase; default sparse). lm-eval's default device is cuda;
+without a GPU the backend says so and runs on the CPU.
+
+Requests: loglikelihood (sum of the continuation's log-probabilities, and whether greedy decoding would produce it),
+loglikelihood_rolling (the whole text in disjoint windows of max_length, each with as much preceding context as
+fits) and generate_until (greedy decoding with the KV cache, through dsv4.evaluation.decoding.greedy_continue,
+cut at the first stop string or EOS; sampling is not supported).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from dsv4.config import ConfigError
+from dsv4.evaluation.decoding import greedy_continue
+from dsv4.loading import load_model
+
+DEFAULT_MAX_LENGTH = 2048
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@register_model("dsv4")
+class DSV4LM(LM):
+    def __init__(self, path: str | None = None, max_length: int | None = None, device: str = "cpu",
+                 dtype: str = "float32", backend: str = "auto", phase: str = "sparse", batch_size: Any = 1,
+                 **unused: Any) -> None:
+        super().__init__()
+        if path is None:
+            raise ConfigError("--model_args: give path=RUN_DIR (a run, checkpoint or export directory)")
+        if str(dtype) not in DTYPES:
+            raise ConfigError(f"--model_args dtype={dtype}: choose from {', '.join(DTYPES)}")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default device is cuda
+            print(f"dsv4 backend: device {device} is not available here; running on cpu", file=sys.stderr)
+            device = "cpu"
+        self.loaded = load_model(path, device=device, dtype=DTYPES[str(dtype)], backend=backend,
+                                 key="--model_args path")
+        self.loaded.model.set_attention_options(phase=phase)
+        self.model, self.tokenizer, self.eos_id = self.loaded.model, self.loaded.tokenizer, self.loaded.eos_id
+        self.device_name = device
+        run_len = self.loaded.run_config.train.seq_len if self.loaded.run_config is not None else None
+        self.max_length = int(max_length or run_len or DEFAULT_MAX_LENGTH)
+
+    # ------------------------------------------------------------ tokens
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def context_and_continuation(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of both, split as the whole text tokenizes (trailing spaces of the context go with the
+        continuation, as lm-eval's own backends do); an empty context becomes the EOS token."""
+        if not context:
+            return [self.eos_id], self.encode(continuation)
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.encode(context + continuation)
+        context_len = len(self.encode(context))
+        return whole[:context_len], whole[context_len:]
+
+    @torch.no_grad()
+    def score(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """(sum of log p(continuation | context), whether every continuation token is the argmax), on the last
+        max_length + 1 tokens."""
+        ids = (context + continuation)[-(self.max_length + 1):]
+        n = len(continuation)
+        inputs = torch.tensor([ids[:-1]], dtype=torch.long, device=self.device_name)
+        logprobs = F.log_softmax(self.model(inputs)[0, -n:].float(), dim=-1)  # [n, vocab]
+        target = torch.tensor(ids[-n:], dtype=torch.long, device=self.device_name)
+        return float(logprobs.gather(1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
+
+    # ------------------------------------------------------------ the harness's three requests
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        results = []
+        for request in requests:
+            context, continuation = self.context_and_continuation(*request.args)
+            results.append(self.score(context, continuation) if continuation else (0.0, True))
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        results = []
+        for request in requests:
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                self.encode(request.args[0]), prefix_token=self.eos_id, max_seq_len=self.max_length, context_len=1))
+            results.append(sum(self.score(list(ctx), list(cont))[0] for ctx, cont in windows))
+        return results
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results = []
+        for request in requests:
+            context, gen_kwargs = request.args
+            gen_kwargs = dict(gen_kwargs or {})
+            if gen_kwargs.get("do_sample") or float(gen_kwargs.get("temperature", 0) or 0) > 0:
+                raise ConfigError("dsv4 backend: only greedy decoding (do_sample: false, temperature: 0)")
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            ids = (self.encode(context) or [self.eos_id])[-max(1, self.max_length - max_new):]
+            out = greedy_continue(self.model, [ids], max_new, eos_id=self.eos_id)[0]
+            if out and out[-1] == self.eos_id:
+                out = out[:-1]
+            text = self.tokenizer.decode(out)
+            cuts = [text.index(stop) for stop in until if stop and stop in text]
+            results.append(text[: min(cuts)] if cuts else text)
+        return results
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+
+    try:
+        cli_evaluate()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
