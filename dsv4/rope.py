@@ -62,8 +62,31 @@ class Rotary:
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         if inverse:
             sin = -sin
-        nope, tail = x[..., : -self.rope_dim], x[..., -self.rope_dim:]
-        pairs = tail.float().unflatten(-1, (-1, 2))  # [..., half, 2]
-        real, imag = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
-        return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+        return _Rotate.apply(x, cos, sin, self.rope_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Rotate the interleaved pairs of x's last rope_dim channels by (cos, sin), computed in fp32."""
+    out = x.clone()  # the position-free channels pass through
+    pairs = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))  # [..., half, 2]
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = out[..., -rope_dim:].unflatten(-1, (-1, 2))
+    rotated[..., 0] = real * cos - imag * sin
+    rotated[..., 1] = real * sin + imag * cos
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """RoPE as one autograd node: a rotation is orthogonal, so its backward is the inverse rotation of the
+    gradient (the same products and sums autograd would form, without a graph of slices, stacks and cats)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, rope_dim: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.rope_dim = rope_dim
+        return _rotate(x, cos, sin, rope_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin, ctx.rope_dim), None, None, None

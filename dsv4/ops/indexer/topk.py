@@ -22,13 +22,20 @@ def topk_recent_first_fast(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     n = scores.shape[-1]
     if k == 0 or k >= n:
         return topk_recent_first(scores, k)
+    values, idx = _select(scores.reshape(-1, n), k)
+    return values.view(*scores.shape[:-1], k), idx.view(*scores.shape[:-1], k)
+
+
+def _select(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [R, n], k < n -> topk_recent_first(scores, k)."""
     values, idx = torch.topk(scores, k + 1, dim=-1)  # descending; equal values in no defined order
-    tied = values[..., k - 1] == values[..., k]  # the cut goes through a tie: the rule picks
-    values, idx = values[..., :k], idx[..., :k]
-    rows = tied.nonzero(as_tuple=True)
-    if rows[0].numel():
-        idx[rows] = _keep_recent_ties(scores[rows], values[rows][:, -1], k)
-        values[rows] = scores[rows].gather(-1, idx[rows])
+    tied = values[:, k - 1] == values[:, k]  # the cut goes through a tie: the rule picks
+    values, idx = values[:, :k], idx[:, :k]
+    rows = tied.nonzero()[:, 0]
+    if rows.numel():
+        tied_scores = scores[rows]
+        idx[rows] = _keep_recent_ties(tied_scores, values[rows, -1], k)
+        values[rows] = tied_scores.gather(-1, idx[rows])
     return _oracle_order(values, idx)
 
 

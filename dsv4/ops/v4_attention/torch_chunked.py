@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dsv4.ops.ranges import AttentionRanges
 
-CHUNK_ELEMENTS = 1 << 24  # logits elements per chunk (64 MiB in fp32); tests lower it to force many chunks
+CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk: 4 MiB of fp32 stays in cache (measured faster than 16-64 MiB)
 MIN_CHUNKS = 8  # with dense entries: the extra work of scoring each chunk's widest tile is at most 1/8
 
 
@@ -134,12 +134,12 @@ def _key_mask(plan: _Plan, chunk: _Chunk) -> torch.Tensor:
 @dataclass
 class _ChunkProbs:
     keys: torch.Tensor  # [B*nb, K, D] the blocks' key (= value) rows
-    key_index: torch.Tensor  # [B, nb, K] their rows in `rows`
+    key_index: torch.Tensor  # [B, nb, K] their rows in `rows` viewed [B * (R + N + 1), D]
     picked: torch.Tensor | None  # [B*Q, k, D] sparse picks per query
-    pick_index: torch.Tensor | None  # [B, Q, k]
+    pick_index: torch.Tensor | None  # [B, Q, k] (rows of the same flat view)
     probs: torch.Tensor  # [B, Q, H, K (+ k)] the joint softmax (sink column at K-1)
     q_scaled: torch.Tensor  # [B, Q, H, D] fp32 q * softmax_scale (queries padded to whole blocks)
-    top: tuple[torch.Tensor, torch.Tensor]  # [B, Q, H] the largest logit of each row and its column
+    logits: torch.Tensor  # [B, Q, H, K (+ k)] what the softmax was taken of
 
 
 def _chunk_probs(plan: _Plan, chunk: _Chunk, q: torch.Tensor, rows: torch.Tensor, sink: torch.Tensor,
@@ -149,11 +149,12 @@ def _chunk_probs(plan: _Plan, chunk: _Chunk, q: torch.Tensor, rows: torch.Tensor
     t, nb = plan.block, chunk.n_blocks
     q0 = chunk.first_block * t
     n_q = nb * t
-    q_chunk = q[:, q0:q0 + n_q].float()
-    q_scaled = F.pad(q_chunk, (0, 0, 0, 0, 0, n_q - q_chunk.shape[1])) * softmax_scale  # [B, Q, H, D], padded
-    batch_ix = torch.arange(batch, device=q.device)[:, None, None]
-    key_index = _key_index(plan, chunk, n_rows, n_entries)  # [B, nb, K]
-    keys = rows[batch_ix, key_index].view(batch * nb, -1, dim)  # [B*nb, K, D]
+    q_chunk = q[:, q0:q0 + n_q]
+    q_scaled = _pad_to(q_chunk.float() * softmax_scale, n_q)  # [B, Q, H, D]
+    flat_rows = rows.view(-1, dim)  # gathers by index_select: whole rows, far faster than advanced indexing
+    batch_offset = torch.arange(batch, device=q.device)[:, None, None] * rows.shape[1]
+    key_index = _key_index(plan, chunk, n_rows, n_entries) + batch_offset  # [B, nb, K] rows of flat_rows
+    keys = flat_rows.index_select(0, key_index.view(-1)).view(batch * nb, -1, dim)  # [B*nb, K, D]
     n_keys = keys.shape[1]
     logits = torch.bmm(q_scaled.view(batch * nb, t * n_heads, dim), keys.transpose(1, 2))
     logits = logits.view(batch, nb, t, n_heads, n_keys)
@@ -162,15 +163,33 @@ def _chunk_probs(plan: _Plan, chunk: _Chunk, q: torch.Tensor, rows: torch.Tensor
     logits = logits.view(batch, n_q, n_heads, n_keys)
     picked = pick_index = None
     if topk_idx is not None:
-        picks = F.pad(topk_idx[:, q0:q0 + n_q], (0, 0, 0, n_q - q_chunk.shape[1]), value=-1)  # [B, Q, k]
-        pick_index = n_rows + picks.clamp(min=0)
-        picked = rows[batch_ix, pick_index].view(batch * n_q, -1, dim)  # [B*Q, k, D]
+        picks = _pad_to(topk_idx[:, q0:q0 + n_q], n_q, value=-1)  # [B, Q, k]
+        pick_index = n_rows + picks.clamp(min=0) + batch_offset  # [B, Q, k] rows of flat_rows
+        picked = flat_rows.index_select(0, pick_index.view(-1)).view(batch * n_q, -1, dim)  # [B*Q, k, D]
         pick_logits = torch.bmm(q_scaled.view(batch * n_q, n_heads, dim), picked.transpose(1, 2))
         pick_logits = pick_logits.view(batch, n_q, n_heads, -1).masked_fill_((picks < 0)[:, :, None, :],
                                                                              float("-inf"))
         logits = torch.cat((logits, pick_logits), dim=-1)
-    return _ChunkProbs(keys, key_index, picked, pick_index, torch.softmax(logits, dim=-1), q_scaled,
-                       logits.max(dim=-1))
+    return _ChunkProbs(keys, key_index, picked, pick_index, torch.softmax(logits, dim=-1), q_scaled, logits)
+
+
+def _pad_to(x: torch.Tensor, length: int, value: float = 0.0) -> torch.Tensor:
+    """x [B, T, ...] -> [B, length, ...], padded with `value` (queries beyond S in the last block)."""
+    pad = length - x.shape[1]
+    return x if pad == 0 else F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad), value=value)
+
+
+def _log_sum_exp(c: _ChunkProbs, sink: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """[B, Q, H] log-sum-exp of each softmax row, from the sink's probability p = exp(sink - lse): no pass over
+    the row. Where p is too small to trust (sink more than ~69 below the largest logit), from the largest
+    logit m and its probability exp(m - lse) >= 1 / row length instead."""
+    p_sink = c.probs[..., n_keys - 1]
+    lse = sink.float() - torch.log(p_sink)
+    tiny = p_sink < 1e-30
+    if tiny.any():
+        p_top, column = c.probs[tiny].max(dim=-1)
+        lse[tiny] = c.logits[tiny].gather(-1, column[:, None])[:, 0] - torch.log(p_top)
+    return lse
 
 
 def _rows(kv: torch.Tensor, compressed_kv: torch.Tensor | None) -> torch.Tensor:
@@ -203,10 +222,7 @@ class _BlockedAttention(torch.autograd.Function):
             q0 = chunk.first_block * t
             keep = min(n_q, seq_len - q0)
             out[:, q0:q0 + keep] = chunk_out[:, :keep]
-            # log-sum-exp from the largest logit m and its probability exp(m - lse) (>= 1 / row length: exact)
-            top_logit, top_column = c.top
-            p_top = c.probs.gather(-1, top_column[..., None])[..., 0]
-            lse[:, q0:q0 + keep] = (top_logit - torch.log(p_top))[:, :keep]
+            lse[:, q0:q0 + keep] = _log_sum_exp(c, sink, n_keys)[:, :keep]
         ctx.save_for_backward(q, kv, sink, compressed_kv, topk_idx, out)
         ctx.plan, ctx.softmax_scale = plan, softmax_scale
         ctx.mark_non_differentiable(lse)
@@ -223,17 +239,15 @@ class _BlockedAttention(torch.autograd.Function):
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         d_sink = torch.zeros(n_heads, dtype=torch.float32, device=q.device)
         t = plan.block
-        row_offset = torch.arange(batch, device=q.device)[:, None, None] * rows.shape[1]
         for chunk in plan.chunks:
             c = _chunk_probs(plan, chunk, q, rows, sink, topk_idx, n_rows, n_entries, scale)
             n_keys, nb = c.keys.shape[1], chunk.n_blocks
             n_q = nb * t
             q0 = chunk.first_block * t
             keep = min(n_q, seq_len - q0)
-            d_o = torch.zeros(batch, n_q, n_heads, dim, dtype=torch.float32, device=q.device)
-            d_o[:, :keep] = d_out[:, q0:q0 + keep]
-            delta = torch.zeros(batch, n_q, n_heads, dtype=torch.float32, device=q.device)
-            delta[:, :keep] = (d_out[:, q0:q0 + keep].float() * out[:, q0:q0 + keep].float()).sum(-1)
+            d_o_chunk = d_out[:, q0:q0 + keep].float()
+            d_o = _pad_to(d_o_chunk, n_q).contiguous()  # [B, Q, H, D]
+            delta = _pad_to((d_o_chunk * out[:, q0:q0 + keep].float()).sum(-1), n_q)  # [B, Q, H]: rowsum(dO O)
             d_sink -= (c.probs[..., n_keys - 1] * delta).sum((0, 1))
             # block keys: dS = P (dP - delta); dq = dS k; d key = dS^T q + P^T dO (K = V)
             probs = c.probs[..., :n_keys].reshape(batch * nb, t * n_heads, n_keys)
@@ -243,7 +257,7 @@ class _BlockedAttention(torch.autograd.Function):
             dq_chunk = torch.bmm(d_scores, c.keys).view(batch, n_q, n_heads, dim)
             d_keys = torch.bmm(d_scores.transpose(1, 2), c.q_scaled.view(batch * nb, t * n_heads, dim))
             d_keys.baddbmm_(probs.transpose(1, 2), d_o_blocks)
-            d_rows.index_add_(0, (row_offset + c.key_index).view(-1), d_keys.view(-1, dim))
+            d_rows.index_add_(0, c.key_index.view(-1), d_keys.view(-1, dim))
             if c.picked is not None:
                 probs_p = c.probs[..., n_keys:].reshape(batch * n_q, n_heads, -1)
                 d_o_q = d_o.view(batch * n_q, n_heads, dim)
@@ -252,8 +266,8 @@ class _BlockedAttention(torch.autograd.Function):
                 dq_chunk += torch.bmm(d_scores_p, c.picked).view(batch, n_q, n_heads, dim)
                 d_picked = torch.bmm(d_scores_p.transpose(1, 2), c.q_scaled.view(batch * n_q, n_heads, dim))
                 d_picked.baddbmm_(probs_p.transpose(1, 2), d_o_q)
-                d_rows.index_add_(0, (row_offset + c.pick_index).view(-1), d_picked.view(-1, dim))
-            dq[:, q0:q0 + keep] = dq_chunk[:, :keep] * scale
+                d_rows.index_add_(0, c.pick_index.view(-1), d_picked.view(-1, dim))
+            torch.mul(dq_chunk[:, :keep], scale, out=dq[:, q0:q0 + keep])
         d_rows = d_rows.view(batch, -1, dim)
         d_kv = d_rows[:, :n_rows].to(kv.dtype)
         d_cmp = None if compressed_kv is None else d_rows[:, n_rows:n_rows + n_entries].to(compressed_kv.dtype)
