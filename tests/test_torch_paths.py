@@ -162,3 +162,25 @@ def test_indexer_matches_oracle(budget, ranges_kind, seq_len):
         for a, b in zip(*grads):
             if b is not None:
                 assert_close(a, b, "grad", tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_lse_without_sink_mass_and_bf16(dtype):
+    """A sink far below every logit (its probability underflows: the log-sum-exp falls back to the largest
+    logit) and bf16 inputs (computed in fp32 inside, returned in bf16) still match the oracle."""
+    torch.manual_seed(3)
+    seq_len, n_heads, dim = 70, 3, 16
+    q = (torch.randn(1, seq_len, n_heads, dim) * 3).to(dtype).requires_grad_()
+    kv = torch.randn(1, seq_len, dim).to(dtype).requires_grad_()
+    sink = torch.tensor([-200.0, 0.0, 1.0], requires_grad=True)
+    cmp = torch.randn(1, seq_len // 4, dim).to(dtype).requires_grad_()
+    results = []
+    for backend in ("naive", "torch"):
+        out, lse = v4_attention(q, kv, sink, 9, 0.5, compressed_kv=cmp, ratio=4, backend=backend)
+        assert out.dtype == dtype
+        results.append((out.float(), lse, torch.autograd.grad(out.float().sum(), (q, kv, sink, cmp))))
+    tol = 3e-5 if dtype == torch.float32 else 2e-2
+    assert_close(results[1][0], results[0][0], "output", tol)
+    assert_close(results[1][1], results[0][1], "lse", tol)
+    for a, b in zip(results[1][2], results[0][2]):
+        assert_close(a.float(), b.float(), "grad", tol)
