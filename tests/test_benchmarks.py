@@ -51,3 +51,13 @@ def test_core_benchmark_refuses_cpu_without_interpreter(repo_root):
     proc = subprocess.run([sys.executable, "benchmarks/attention_core.py"], cwd=repo_root, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_train_speed_benchmark_runs_train_py(repo_root):
+    """Both runs of benchmarks/train_speed.py go through train.py (extra overrides too) and land in one table."""
+    out = run(repo_root, "benchmarks/train_speed.py", "--lengths", "32", "--tokens", "64", "--steps", "2",
+              "--skip", "1", "train.seed=7")
+    table = rows(out, {"32"})
+    assert [r[1] for r in table] == ["V4", "dense"]
+    assert all(float(r[2].replace(",", "")) > 0 for r in table)  # tok/s
+    assert table[0][-1].endswith("x")
