@@ -66,13 +66,15 @@ class Rotary:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
-    """Rotate the interleaved pairs of x's last rope_dim channels by (cos, sin), computed in fp32."""
+    """Rotate the interleaved pairs (re, im) of x's last rope_dim channels by (cos, sin), computed in fp32:
+    (re cos - im sin, im cos + re sin), written as tail * [cos, cos] + swapped tail * [-sin, sin] so every op
+    runs on contiguous memory (the same products and sums, so the same bits)."""
+    cos2 = torch.stack((cos, cos), dim=-1).flatten(-2)  # [..., rope_dim]
+    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    tail = x[..., -rope_dim:].float()
+    swapped = tail.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (im, re) per pair
     out = x.clone()  # the position-free channels pass through
-    pairs = x[..., -rope_dim:].float().unflatten(-1, (-1, 2))  # [..., half, 2]
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = out[..., -rope_dim:].unflatten(-1, (-1, 2))
-    rotated[..., 0] = real * cos - imag * sin
-    rotated[..., 1] = real * sin + imag * cos
+    out[..., -rope_dim:] = tail * cos2 + swapped * sin2
     return out
 
 
