@@ -5,7 +5,8 @@
     python benchmarks/train_speed.py --v4-phase dense model.index_topk=32   # extra args go to both runs
 
 For every train.seq_len, two runs of train.py (subprocesses, one after the other) with equal settings: the same
-model preset, tokens per step (--tokens; micro_batch_size = tokens / seq_len), steps, seed, data and backend;
+model preset, tokens per step (--tokens; micro_batch_size = tokens / seq_len), steps, seed, data (with a small
+shuffle pool, --shuffle-buffer) and backend;
 the only difference is `attention=dense` (every layer plain causal GQA through SDPA, same model width). The V4
 run trains its CSA layers in --v4-phase (default sparse, from step 0: the phase V4 trains in once its context is
 long; `dense` measures the dense-CSA warm-up instead). Each run writes its own metrics.jsonl; the table gives the
@@ -36,6 +37,7 @@ def run_train(seq_len: int, dense: bool, args, extra: list[str], out_dir: Path) 
         f"model={args.model}", f"train.seq_len={seq_len}", f"train.micro_batch_size={args.tokens // seq_len}",
         f"train.steps={args.steps}", "train.warmup_steps=1", "train.eval_batches=1", "train.save_interval=0",
         "logging.wandb.mode=disabled", f"logging.interval={args.steps}", f"train.output_dir={out_dir}",
+        f"data.shuffle_buffer={args.shuffle_buffer}",
     ]
     if dense:
         overrides.append("attention=dense")
@@ -70,7 +72,12 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the medians")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--v4-phase", choices=["sparse", "dense"], default="sparse")
-    args, extra = parser.parse_known_args()
+    parser.add_argument("--shuffle-buffer", type=int, default=16,
+                        help="data.shuffle_buffer of both runs: the default pool (256 packed sequences) fills for "
+                             "longer than a short run lasts, and its fill time would land in the step times")
+    # Hydra overrides (key=value) go to both runs; pulled out first so that --lengths 512 a.b=c parses
+    extra = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in sys.argv[1:] if a not in extra])
     for seq_len in args.lengths:
         if args.tokens % seq_len:
             parser.error(f"--tokens {args.tokens} is not a multiple of seq_len {seq_len}")
