@@ -5,9 +5,10 @@
     python benchmarks/attention.py --lengths 4096 16384 --paths triton triton-atomic torch
 
 Each row: one layer module (projections, compressor, indexer, attention core, output projection),
-forward + backward of a random input, batch 1, after warm-up; the median of --repeats runs. The rows of one
-length are timed in interleaved rounds (every layer once per round, in a rotating order), so a machine shared
-with other work slows every row alike and the "vs dense" ratios stay meaningful.
+forward + backward of a random input, batch 1, after warm-up; the median of --repeats runs. All rows, of every
+length, are timed in interleaved rounds (every layer at every length once per round, in a rotating order), so a
+machine shared with other work slows every row alike: the "vs dense" ratios and the growth from one length to
+the next stay meaningful.
 
 Columns:
   ms        wall time of forward + backward (CUDA events on GPU, perf_counter on CPU)
@@ -115,21 +116,21 @@ def timed_step(layer, x, positions) -> float:
     return time.perf_counter() - start
 
 
-def time_interleaved(layers: dict, x, positions, repeats: int) -> dict:
-    """Median seconds per layer over `repeats` rounds; each round runs every layer once, the order rotating by
-    one per round. Layers that run out of memory get None."""
-    times = {name: [] for name in layers}
-    for name, layer in layers.items():  # warm-up (compiles kernels, allocates)
+def time_interleaved(runs: dict, repeats: int) -> dict:
+    """runs: name -> (layer, x, positions). Median seconds per run over `repeats` rounds; each round does every
+    run once, the order rotating by one per round. Runs that run out of memory get None."""
+    times = {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up (compiles kernels, allocates)
         try:
-            timed_step(layer, x, positions)
+            timed_step(*run)
         except torch.OutOfMemoryError:
             times[name] = None
             torch.cuda.empty_cache()
-    live = [name for name in layers if times[name] is not None]
+    live = [name for name in runs if times[name] is not None]
     for round_ in range(repeats):
         for i in range(len(live)):
             name = live[(i + round_) % len(live)]
-            times[name].append(timed_step(layers[name], x, positions))
+            times[name].append(timed_step(*runs[name]))
     return {name: None if t is None else statistics.median(t) for name, t in times.items()}
 
 
@@ -184,21 +185,23 @@ def main() -> None:
     print(f"# V4 attention layer fwd+bwd | preset {args.preset} | {args.dtype} | batch 1 | {name} | torch "
           f"{torch.__version__}")
     print(f"{'kind':<7} {'path':<13} {'S':>7} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'peak GiB':>9} {'vs dense':>9}")
+    layers = {}
+    for kind in args.kinds:
+        for path in (["dense"] if kind == "dense" else args.paths):
+            torch.manual_seed(0)
+            layer = layer_for(kind, base, args.hca_ratio, path, args.chunk).to(device=device, dtype=dtype)
+            if hasattr(layer, "attn_sink"):
+                layer.attn_sink.data = layer.attn_sink.data.float()
+            layers[(kind, path)] = layer
+    inputs = {seq_len: (torch.randn(1, seq_len, base["hidden_size"], device=device, dtype=dtype),
+                        torch.arange(seq_len, device=device)) for seq_len in args.lengths}
+    runs = {(name, seq_len): (layer, *inputs[seq_len]) for seq_len in args.lengths for name, layer in layers.items()}
+    seconds = time_interleaved(runs, args.repeats)
     for seq_len in args.lengths:
-        layers = {}
-        for kind in args.kinds:
-            for path in (["dense"] if kind == "dense" else args.paths):
-                torch.manual_seed(0)
-                layer = layer_for(kind, base, args.hca_ratio, path, args.chunk).to(device=device, dtype=dtype)
-                if hasattr(layer, "attn_sink"):
-                    layer.attn_sink.data = layer.attn_sink.data.float()
-                layers[(kind, path)] = layer
-        x = torch.randn(1, seq_len, base["hidden_size"], device=device, dtype=dtype)
-        positions = torch.arange(seq_len, device=device)
-        seconds = time_interleaved(layers, x, positions, args.repeats)
-        dense_sec = seconds.get(("dense", "dense"))
+        x, positions = inputs[seq_len]
+        dense_sec = seconds.get((("dense", "dense"), seq_len))
         for (kind, path), layer in layers.items():
-            sec = seconds[(kind, path)]
+            sec = seconds[((kind, path), seq_len)]
             if sec is None:
                 print(f"{kind:<7} {path:<13} {seq_len:>7} {'OOM':>10}")
                 continue
@@ -211,9 +214,6 @@ def main() -> None:
                   f"{ratio}", flush=True)
             if args.profile:
                 print_profile(layer, x, positions, args.profile)
-        del layers, x
-        if cuda:
-            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
