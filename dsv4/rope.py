@@ -72,7 +72,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int
     cos2 = torch.stack((cos, cos), dim=-1).flatten(-2)  # [..., rope_dim]
     sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
     tail = x[..., -rope_dim:].float()
-    swapped = tail.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (im, re) per pair
+    swapped = torch.stack((tail[..., 1::2], tail[..., 0::2]), dim=-1).flatten(-2)  # (im, re) per pair
     out = x.clone()  # the position-free channels pass through
     out[..., -rope_dim:] = tail * cos2 + swapped * sin2
     return out
