@@ -11,13 +11,13 @@ softmax row (no concatenation). Sparse CSA adds each query's own top-k picks, ga
 concatenated to its row. What a query may not see is masked to -inf from its ranges. K = V: the same
 matrix serves as values.
 
-The forward keeps only q, the rows, the output and its log-sum-exp; the backward recomputes each chunk's
-probabilities (the same function as the forward) and writes dq, and the key gradients (dS^T q + P^T dO,
-K = V) back to their rows with index_add_ (in index order: deterministic on CPU). Blocks are grouped into
-chunks whose size comes from a memory budget (CHUNK_ELEMENTS elements per logits tensor), so the Python loop
-runs once for short sequences and peak memory stays linear in S for long ones; with dense entries a chunk
-also covers at most 1/MIN_CHUNKS of the sequence, because every block of a chunk scores the chunk's widest
-entry tile (the causal triangle costs at most 1/MIN_CHUNKS extra).
+The forward saves only its inputs and output; the backward recomputes each chunk's probabilities (the same
+function as the forward) and writes dq, and the key gradients (dS^T q + P^T dO, K = V) back to their rows
+with index_add_ (in index order: deterministic on CPU). Blocks are grouped into chunks whose logits hold at
+most CHUNK_ELEMENTS elements: cache-sized, because fresh multi-MiB tensors page-fault on first touch (measured
+on the 2-core CPU: 4 MiB chunks beat 16-64 MiB ones); peak memory stays linear in S. With dense entries a
+chunk also covers at most 1/MIN_CHUNKS of the sequence, because every block of a chunk scores the chunk's
+widest entry tile (the causal triangle costs at most 1/MIN_CHUNKS extra).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dsv4.ops.ranges import AttentionRanges
 
-CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk: 4 MiB of fp32 stays in cache (measured faster than 16-64 MiB)
+CHUNK_ELEMENTS = 1 << 20  # logits elements per chunk (4 MiB of fp32); tests lower it to force many chunks
 MIN_CHUNKS = 8  # with dense entries: the extra work of scoring each chunk's widest tile is at most 1/8
 
 
