@@ -5,7 +5,10 @@
     python benchmarks/attention.py --lengths 4096 16384 --paths triton triton-atomic torch
 
 Each row: one layer module (projections, compressor, indexer, attention core, output projection),
-forward + backward of a random input, batch 1, after warm-up; the median of --repeats runs.
+forward + backward of a random input, batch 1, after warm-up; the median of --repeats runs. All rows, of every
+length, are timed in interleaved rounds (every layer at every length once per round, in a rotating order), so a
+machine shared with other work slows every row alike: the "vs dense" ratios and the growth from one length to
+the next stay meaningful.
 
 Columns:
   ms        wall time of forward + backward (CUDA events on GPU, perf_counter on CPU)
@@ -16,7 +19,11 @@ Columns:
             entry. Dense: 4 * H * d_h per causal pair (t+1 keys).
   GB/s      the attention core's unavoidable traffic / time: q, o, do, dq once, plus the K=V rows each query
             reads (window + compressed), bf16 -- rows shared by heads are counted once per query.
-  peak GiB  torch.cuda.max_memory_allocated during the step (GPU only).
+  peak GiB  GPU: torch.cuda.max_memory_allocated during a step. CPU: the most memory the step held at once
+            beyond what was allocated before it (from the profiler's allocation events, one extra step).
+
+--profile N prints, for every row, torch.profiler's table of the N ops with the most self CPU time in one
+forward + backward (run it at one length: `--lengths 16384 --repeats 1 --profile 20`).
 
 The dense baseline: head_dim 512 is out of reach of FlashAttention (<= 256) and SDPA has no sink, so it
 is compared at the SAME MODEL WIDTH as a standard layer: n_h heads of hidden/n_h dims (64 for V4-Flash),
@@ -33,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -91,26 +99,64 @@ def core_bytes(kind: str, cfg: ModelConfig, seq_len: int, ratio: int) -> float:
     return 2 * (qo + cfg.head_dim * float(rows.sum()) * 2)  # rows read in forward and in backward
 
 
-def time_step(layer, x, positions, repeats: int) -> tuple[float, float]:
-    cuda = x.is_cuda
-    times = []
-    if cuda:
+def train_step(layer, x, positions) -> None:
+    layer.zero_grad(set_to_none=True)
+    out, aux = layer(x.detach().requires_grad_(True), positions)
+    loss = out.float().square().mean() + (aux if aux is not None else 0.0)
+    loss.backward()
+
+
+def timed_step(layer, x, positions) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_step(layer, x, positions)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_interleaved(runs: dict, repeats: int) -> dict:
+    """runs: name -> (layer, x, positions). Median seconds per run over `repeats` rounds; each round does every
+    run once, the order rotating by one per round. Runs that run out of memory get None."""
+    times = {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up (compiles kernels, allocates)
+        try:
+            timed_step(*run)
+        except torch.OutOfMemoryError:
+            times[name] = None
+            torch.cuda.empty_cache()
+    live = [name for name in runs if times[name] is not None]
+    for round_ in range(repeats):
+        for i in range(len(live)):
+            name = live[(i + round_) % len(live)]
+            times[name].append(timed_step(*runs[name]))
+    return {name: None if t is None else statistics.median(t) for name, t in times.items()}
+
+
+def peak_memory_gib(layer, x, positions) -> float:
+    """GPU: max allocated during one step. CPU: peak of the bytes allocated minus freed during one step."""
+    if x.is_cuda:
         torch.cuda.reset_peak_memory_stats()
-    for i in range(repeats + 1):
-        layer.zero_grad(set_to_none=True)
-        xi = x.detach().requires_grad_(True)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out, aux = layer(xi, positions)
-        loss = out.float().square().mean() + (aux if aux is not None else 0.0)
-        loss.backward()
-        if cuda:
-            torch.cuda.synchronize()
-        if i > 0:  # the first run warms up (compiles kernels, allocates)
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    return statistics.median(times), peak
+        train_step(layer, x, positions)
+        return torch.cuda.max_memory_allocated() / 2**30
+    layer.zero_grad(set_to_none=True)  # frees the last step's gradients outside the profiled step
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(layer, x, positions)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for event in events:
+        held += event.nbytes()
+        peak = max(peak, held)
+    return peak / 2**30
+
+
+def print_profile(layer, x, positions, rows: int) -> None:
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if x.is_cuda else [])]) as prof:
+        train_step(layer, x, positions)
+    sort = "self_cuda_time_total" if x.is_cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40))
 
 
 def main() -> None:
@@ -128,6 +174,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="query chunk of the torch path")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N ops with the most self time of one step, per row")
     args = parser.parse_args()
 
     device = torch.device("cuda" if cuda else "cpu")
@@ -137,36 +185,35 @@ def main() -> None:
     print(f"# V4 attention layer fwd+bwd | preset {args.preset} | {args.dtype} | batch 1 | {name} | torch "
           f"{torch.__version__}")
     print(f"{'kind':<7} {'path':<13} {'S':>7} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'peak GiB':>9} {'vs dense':>9}")
+    layers = {}
+    for kind in args.kinds:
+        for path in (["dense"] if kind == "dense" else args.paths):
+            torch.manual_seed(0)
+            layer = layer_for(kind, base, args.hca_ratio, path, args.chunk).to(device=device, dtype=dtype)
+            if hasattr(layer, "attn_sink"):
+                layer.attn_sink.data = layer.attn_sink.data.float()
+            layers[(kind, path)] = layer
+    inputs = {seq_len: (torch.randn(1, seq_len, base["hidden_size"], device=device, dtype=dtype),
+                        torch.arange(seq_len, device=device)) for seq_len in args.lengths}
+    runs = {(name, seq_len): (layer, *inputs[seq_len]) for seq_len in args.lengths for name, layer in layers.items()}
+    seconds = time_interleaved(runs, args.repeats)
     for seq_len in args.lengths:
-        dense_ms = None
-        rows = []
-        for kind in args.kinds:
-            for path in (["dense"] if kind == "dense" else args.paths):
-                torch.manual_seed(0)
-                layer = layer_for(kind, base, args.hca_ratio, path, args.chunk).to(device=device, dtype=dtype)
-                if hasattr(layer, "attn_sink"):
-                    layer.attn_sink.data = layer.attn_sink.data.float()
-                x = torch.randn(1, seq_len, base["hidden_size"], device=device, dtype=dtype)
-                positions = torch.arange(seq_len, device=device)
-                try:
-                    sec, peak = time_step(layer, x, positions, args.repeats)
-                except torch.OutOfMemoryError:
-                    rows.append((kind, path, seq_len, None, None, None, None))
-                    torch.cuda.empty_cache()
-                    continue
-                cfg = layer.cfg if hasattr(layer, "cfg") else ModelConfig(**{**base, "compress_ratios": [-1]})
-                flops = useful_flops(kind, cfg, seq_len, args.hca_ratio, layer)
-                nbytes = core_bytes(kind, cfg, seq_len, args.hca_ratio)
-                rows.append((kind, path, seq_len, sec * 1e3, flops / sec / 1e12, nbytes / sec / 1e9, peak))
-                if kind == "dense":
-                    dense_ms = sec * 1e3
-                del layer, x
-        for kind, path, seq_len_, ms, tflops, gbs, peak in rows:
-            if ms is None:
-                print(f"{kind:<7} {path:<13} {seq_len_:>7} {'OOM':>10}")
+        x, positions = inputs[seq_len]
+        dense_sec = seconds.get((("dense", "dense"), seq_len))
+        for (kind, path), layer in layers.items():
+            sec = seconds[((kind, path), seq_len)]
+            if sec is None:
+                print(f"{kind:<7} {path:<13} {seq_len:>7} {'OOM':>10}")
                 continue
-            ratio = f"{dense_ms / ms:>8.2f}x" if dense_ms else f"{'':>9}"
-            print(f"{kind:<7} {path:<13} {seq_len_:>7} {ms:>10.2f} {tflops:>8.3f} {gbs:>8.1f} {peak:>9.2f} {ratio}")
+            cfg = layer.cfg if hasattr(layer, "cfg") else ModelConfig(**{**base, "compress_ratios": [-1]})
+            tflops = useful_flops(kind, cfg, seq_len, args.hca_ratio, layer) / sec / 1e12
+            gbs = core_bytes(kind, cfg, seq_len, args.hca_ratio) / sec / 1e9
+            peak = peak_memory_gib(layer, x, positions)
+            ratio = f"{dense_sec / sec:>8.2f}x" if dense_sec else f"{'':>9}"
+            print(f"{kind:<7} {path:<13} {seq_len:>7} {sec * 1e3:>10.2f} {tflops:>8.3f} {gbs:>8.1f} {peak:>9.3f} "
+                  f"{ratio}", flush=True)
+            if args.profile:
+                print_profile(layer, x, positions, args.profile)
 
 
 if __name__ == "__main__":

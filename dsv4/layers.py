@@ -22,15 +22,41 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return _RMSNorm.apply(x, self.weight, self.eps)
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     """RMS normalisation over the last dim with no gain (V4's per-head query norm)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return _RMSNorm.apply(x, None, eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = x / rms(x) (* gain), in fp32, as one autograd node. The forward is the plain formula; the backward is
+    its closed form, dx = (g - y_hat mean(g y_hat)) / rms(x) with g = dy (* gain) and y_hat = x / rms(x), instead
+    of autograd's chain through pow, mean, rsqrt and the products (several passes over x and its gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.float()
+        inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [..., 1]
+        y = xf * inv_rms
+        if weight is not None:
+            y = y * weight.float()
+        ctx.save_for_backward(x, inv_rms, weight)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, d_y):
+        x, inv_rms, weight = ctx.saved_tensors
+        y_hat = x.float() * inv_rms
+        g = d_y.float()
+        d_weight = None
+        if weight is not None:
+            if ctx.needs_input_grad[1]:
+                d_weight = (g * y_hat).reshape(-1, y_hat.shape[-1]).sum(0).to(weight.dtype)
+            g = g * weight.float()
+        d_x = (g - y_hat * (g * y_hat).mean(-1, keepdim=True)) * inv_rms
+        return d_x.to(x.dtype), d_weight, None
 
 
 class Linear(nn.Linear):

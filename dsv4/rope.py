@@ -62,8 +62,33 @@ class Rotary:
             cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         if inverse:
             sin = -sin
-        nope, tail = x[..., : -self.rope_dim], x[..., -self.rope_dim:]
-        pairs = tail.float().unflatten(-1, (-1, 2))  # [..., half, 2]
-        real, imag = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
-        return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+        return _Rotate.apply(x, cos, sin, self.rope_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Rotate the interleaved pairs (re, im) of x's last rope_dim channels by (cos, sin), computed in fp32:
+    (re cos - im sin, im cos + re sin), written as tail * [cos, cos] + swapped tail * [-sin, sin] so every op
+    runs on contiguous memory (the same products and sums, so the same bits)."""
+    cos2 = torch.stack((cos, cos), dim=-1).flatten(-2)  # [..., rope_dim]
+    sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    tail = x[..., -rope_dim:].float()
+    swapped = torch.stack((tail[..., 1::2], tail[..., 0::2]), dim=-1).flatten(-2)  # (im, re) per pair
+    out = x.clone()  # the position-free channels pass through
+    out[..., -rope_dim:] = tail * cos2 + swapped * sin2
+    return out
+
+
+class _Rotate(torch.autograd.Function):
+    """RoPE as one autograd node: a rotation is orthogonal, so its backward is the inverse rotation of the
+    gradient (the same products and sums autograd would form, without a graph of slices, stacks and cats)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, rope_dim: int):
+        ctx.save_for_backward(cos, sin)
+        ctx.rope_dim = rope_dim
+        return _rotate(x, cos, sin, rope_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin, ctx.rope_dim), None, None, None

@@ -63,3 +63,13 @@ def test_kv_cache_benchmark_reads_the_real_cache_and_matches_the_report(repo_roo
     vs_gqa = float(flash_fp8_1m.split("|")[9].strip().rstrip("%"))
     assert 2.0 <= vs_gqa <= 2.5  # the report: about 2% of a BF16 GQA-8 cache
     assert "dense / V4" in out and (tmp_path / "kv.png").stat().st_size > 10_000
+
+
+def test_train_speed_benchmark_runs_train_py(repo_root):
+    """Both runs of benchmarks/train_speed.py go through train.py (extra overrides too) and land in one table."""
+    out = run(repo_root, "benchmarks/train_speed.py", "--lengths", "32", "--tokens", "64", "--steps", "2",
+              "--skip", "1", "train.seed=7")
+    table = rows(out, {"32"})
+    assert [r[1] for r in table] == ["V4", "dense"]
+    assert all(float(r[2].replace(",", "")) > 0 for r in table)  # tok/s
+    assert table[0][-1].endswith("x")

@@ -91,6 +91,22 @@ def test_rope_is_interleaved_on_the_tail():
     assert torch.allclose(back, x, atol=1e-6)
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_gradient_is_the_inverse_rotation(inverse):
+    """Rotary's hand-written backward equals autograd through the rotation written out op by op."""
+    rotary = Rotary(8, theta=1000.0, scaling=RopeScaling())
+    x = torch.randn(2, 11, 3, 12, requires_grad=True)
+    positions = torch.randint(0, 500, (2, 11))
+    grad = torch.randn(2, 11, 3, 12)
+    (got,) = torch.autograd.grad(rotary(x, positions, inverse=inverse), x, grad)
+    cos, sin = rotary.cos_sin(positions)
+    cos, sin = cos[:, :, None], (-1 if inverse else 1) * sin[:, :, None]
+    real, imag = x[..., 4::2], x[..., 5::2]
+    tail = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2)
+    (want,) = torch.autograd.grad(torch.cat((x[..., :4], tail), -1), x, grad)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
 def test_yarn_frequencies_match_the_published_ramp():
     """theta 160000, 64 rope dims, factor 16, L0 65536: pairs <= 15 unchanged, >= 25 divided by 16."""
     scaled = rope_frequencies(64, 160000.0, RopeScaling())
