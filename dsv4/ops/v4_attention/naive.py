@@ -12,7 +12,7 @@ from dsv4.ops.ranges import AttentionRanges
 
 def v4_attention_mask(ranges: AttentionRanges, seq_len: int, num_compressed: int,
                       topk_idx: torch.Tensor | None) -> torch.Tensor:
-    """Boolean mask [B, S, S + N]: True where query t may attend key j.
+    """Boolean mask [B, T, S + N] (T queries, S = seq_len K=V rows): True where query t may attend key j.
 
     Keys 0..S-1 are raw rows (window_lo[t] .. window_hi[t]); keys S..S+N-1 are compressed entries: every
     entry in [cmp_lo[t], cmp_hi[t]) when topk_idx is None, else exactly the entries listed in topk_idx[b, t]
@@ -27,8 +27,8 @@ def v4_attention_mask(ranges: AttentionRanges, seq_len: int, num_compressed: int
         cmp_mask = (i[None, None, :] >= ranges.cmp_lo[..., None]) & (i[None, None, :] < ranges.cmp_hi[..., None])
     else:
         # scatter each query's OWN picks into its row (never a shared key axis: see pitfalls.md 1)
-        batch = topk_idx.shape[0]
-        cmp_mask = torch.zeros(batch, seq_len, num_compressed + 1, dtype=torch.bool, device=device)
+        batch, n_queries = topk_idx.shape[:2]  # queries: as many as ranges (K=V rows may be more: halos, caches)
+        cmp_mask = torch.zeros(batch, n_queries, num_compressed + 1, dtype=torch.bool, device=device)
         idx = torch.where(topk_idx < 0, num_compressed, topk_idx).long()
         cmp_mask.scatter_(2, idx, True)
         cmp_mask = cmp_mask[..., :num_compressed]
