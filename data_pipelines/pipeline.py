@@ -22,9 +22,11 @@ share a dp_rank, so they read the same samples).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,6 +187,26 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             yield {"_lane": local, "_error": msg}
 
 
+_OPEN_STREAMS: weakref.WeakSet[StreamingData] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Stop the workers of every stream still open when the process exits. The workers ignore SIGTERM (see
+    _LaneDataset.__iter__), so multiprocessing's own exit hook, which terminates and then joins them, would wait
+    forever; this hook is registered after it (torch imports multiprocessing first), so it runs before it and stops
+    them the DataLoader's way (its done event), which they obey."""
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
+def _stop_workers(items: Iterator) -> None:
+    """Shut a DataLoader iterator's workers down the DataLoader's way (its done event, then a join)."""
+    shutdown = getattr(items, "_shutdown_workers", None)  # absent without workers
+    if shutdown is not None:
+        shutdown()
+
+
 class StreamingData:
     """A data-parallel rank's training stream and validation set."""
 
@@ -215,6 +237,7 @@ class StreamingData:
         """Micro-batches for this rank, from the current state on (endless)."""
         if self._iterator is None:
             self._iterator = self._generate()
+            _OPEN_STREAMS.add(self)
         return self._iterator
 
     def _generate(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -225,25 +248,29 @@ class StreamingData:
                                              prefetch_factor=self.plan.prefetch_factor if workers else None,
                                              multiprocessing_context=self.plan.worker_start if workers else None)
         items = iter(loader)
-        while True:
-            try:
-                item = next(items)
-            except StopIteration:  # a lane's worker ended without a batch: only after an error item
-                raise DataError(f"rank {self.dp_rank}: the data workers stopped") from None
-            except RuntimeError as e:  # a worker killed (e.g. out of memory) or a worker start failure
-                raise DataError(f"rank {self.dp_rank}: a data worker failed: {str(e).splitlines()[0]}") from None
-            if "_error" in item:
-                where = f"data worker {item['_lane']}" if workers else "data"
-                raise DataError(f"rank {self.dp_rank}, {where}: {item['_error']}")
-            self._lane_states[item.pop("_lane")] = item.pop("_state").value
-            self._consumed += 1
-            yield item
+        try:
+            while True:
+                try:
+                    item = next(items)
+                except StopIteration:  # a lane's worker ended without a batch: only after an error item
+                    raise DataError(f"rank {self.dp_rank}: the data workers stopped") from None
+                except RuntimeError as e:  # a worker killed (e.g. out of memory) or a worker start failure
+                    raise DataError(f"rank {self.dp_rank}: a data worker failed: {str(e).splitlines()[0]}") from None
+                if "_error" in item:
+                    where = f"data worker {item['_lane']}" if workers else "data"
+                    raise DataError(f"rank {self.dp_rank}, {where}: {item['_error']}")
+                self._lane_states[item.pop("_lane")] = item.pop("_state").value
+                self._consumed += 1
+                yield item
+        finally:  # also when an error item or close() ends it: the workers stop now, not when a traceback that
+            _stop_workers(items)  # still holds this frame is freed (they ignore SIGTERM: exit would wait for them)
 
     def close(self) -> None:
         """Stop the workers (the state stays as it is)."""
         if self._iterator is not None:
             self._iterator.close()  # type: ignore[attr-defined]
             self._iterator = None
+        _OPEN_STREAMS.discard(self)
 
     # ---------------------------------------------------------------- resumable state
 

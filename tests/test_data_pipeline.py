@@ -448,6 +448,30 @@ def test_a_source_with_no_usable_document_stops_naming_it(tmp_path):
     data.close()
 
 
+
+def test_a_process_with_open_or_failed_worker_streams_exits(corpus, tmp_path):
+    """The workers ignore SIGTERM (a launcher's signal to the process tree must not kill them mid-step), so a stream
+    left open, or ended by a worker's error while a traceback still holds it, must not keep its process from
+    exiting: multiprocessing's exit hook would wait for them forever."""
+    (tmp_path / "e.jsonl").write_text(json.dumps({"text": ""}) + "\n")
+    script = (
+        "import json, sys\n"
+        "from dsv4.training.config import DataConfig, SourceConfig\n"
+        "from data_pipelines import StreamingData, prepare_data\n"
+        "def stream(path):\n"
+        "    return StreamingData(prepare_data(DataConfig(sources=[SourceConfig(kind='files', path=path)],\n"
+        "                                                 num_workers=1)), 16, 1, 0)\n"
+        "kept = stream(sys.argv[1]); next(kept.batches())  # open, never closed\n"
+        "try:\n"
+        "    next(stream(sys.argv[2]).batches())\n"
+        "except Exception as e:\n"
+        "    failed = sys.exc_info()  # the traceback holds the failed stream's frame\n"
+        "    print(type(e).__name__)\n")
+    res = subprocess.run([sys.executable, "-c", script, str(corpus["dir"] / "p*.parquet"), str(tmp_path / "e.jsonl")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "DataError", res.stdout + res.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- config keys and the inspect CLI
 
 def compose_data(*overrides: str):
