@@ -7,6 +7,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# under pytest-xdist (README: `-n 2`), the workers share the cores: each uses its share, so two torch thread pools do
+# not spin against each other (subprocesses inherit it unless a test sets OMP_NUM_THREADS itself)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 try:  # Triton kernels run on the GPU when there is one, else under the interpreter (tiny shapes)
     import torch
 
