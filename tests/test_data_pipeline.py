@@ -448,14 +448,13 @@ def test_a_source_with_no_usable_document_stops_naming_it(tmp_path):
     data.close()
 
 
-
 def test_a_process_with_open_or_failed_worker_streams_exits(corpus, tmp_path):
     """The workers ignore SIGTERM (a launcher's signal to the process tree must not kill them mid-step), so a stream
     left open, or ended by a worker's error while a traceback still holds it, must not keep its process from
     exiting: multiprocessing's exit hook would wait for them forever."""
     (tmp_path / "e.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     script = (
-        "import json, sys\n"
+        "import sys\n"
         "from dsv4.training.config import DataConfig, SourceConfig\n"
         "from data_pipelines import StreamingData, prepare_data\n"
         "def stream(path):\n"
