@@ -79,3 +79,34 @@ def test_bad_arguments_name_what_is_wrong(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         quality.main([str(tmp_path / "x"), *argv])
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the ablation (benchmarks/quality_ablation.py)
+
+ABLATION_MODEL = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, intermediate_size=48, num_attention_heads=2,
+                      head_dim=16, qk_rope_head_dim=4, q_lora_rank=16, o_groups=1, o_lora_rank=8, sliding_window=4,
+                      index_n_heads=2, index_head_dim=8, index_topk=2, num_key_value_heads=1, dense_head_dim=8)
+
+
+@pytest.mark.parametrize("ratios", [[4, 8], [-1, -1]])  # CSA + HCA, dense
+def test_restricted_to_the_window_a_model_sees_no_further_back_than_its_layers_of_windows(ratios):
+    import torch
+    from quality_ablation import restricted
+
+    from dsv4.config import ModelConfig
+    from dsv4.model import DSV4Model
+
+    torch.manual_seed(0)
+    model = DSV4Model(ModelConfig(**ABLATION_MODEL, compress_ratios=ratios), backend="torch", phase="sparse").eval()
+    ids = torch.randint(0, 97, (1, 40))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 97
+    reach = 2 * (4 - 1)  # two layers of a 4-token window: position p sees back to p - 6
+    with torch.no_grad():
+        full_diff = (model(ids) - model(changed)).abs().amax(-1)[0]
+        with restricted(model, 4, ("csa", "hca")):
+            cut_diff = (model(ids) - model(changed)).abs().amax(-1)[0]
+        after = (model(ids) - model(changed)).abs().amax(-1)[0]
+    assert full_diff[reach + 1:].max() > 1e-4  # as trained, token 0 reaches the end (compressed entries, dense)
+    assert cut_diff[:reach + 1].max() > 1e-4 and cut_diff[reach + 1:].max() == 0  # restricted: only the window
+    assert torch.equal(after, full_diff)  # and the model is as it was after the block

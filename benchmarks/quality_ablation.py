@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""How much does each trained model of the quality experiment gain from what lies beyond its sliding window?
+
+    python benchmarks/quality_ablation.py outputs/quality          # every finished full run of the experiment
+    python benchmarks/quality_ablation.py outputs/quality --batches 8 --out ablation.json
+
+For each run, the loss on the bundled corpus' held-out documents (the same batches as the experiment's
+evaluation), by position bucket, twice: as trained, and restricted to its window. Restricted means:
+  V4 layers   the compressed entries are dropped (the compressor's output is emptied, so CSA and HCA layers attend
+              to their window rows and the sink only; the indexer then has nothing to pick from). `--drop csa` or
+              `--drop hca` drops one kind only.
+  dense       the causal mask becomes a band of the window's width (each query sees its last W tokens).
+The difference (restricted - trained) on tokens beyond the window is what the model takes from beyond it: zero
+for a window-only model by construction, and the whole of V4's claim for CSA and HCA. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dsv4 import attention as attention_module  # noqa: E402
+from dsv4.attention import DenseAttention, V4Attention  # noqa: E402
+
+
+@contextlib.contextmanager
+def without_compressed_entries(model: torch.nn.Module, kinds: tuple[str, ...] = ("csa", "hca")):
+    """V4 layers of `kinds` attend without their compressed entries (window rows and sink only) inside the block."""
+    hooks = [m.compressor.register_forward_hook(lambda _m, _args, out: out[:, :0])
+             for m in model.modules() if isinstance(m, V4Attention) and m.kind in kinds]
+    try:
+        yield len(hooks)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class _BandedFunctional:
+    """torch.nn.functional, with causal SDPA replaced by SDPA under a causal band of `window` keys."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+
+    def __getattr__(self, name: str):
+        return getattr(F, name)
+
+    def scaled_dot_product_attention(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        s_q, s_k = q.shape[-2], k.shape[-2]
+        rows = torch.arange(s_q, device=q.device)[:, None] + (s_k - s_q)
+        cols = torch.arange(s_k, device=q.device)[None, :]
+        band = (cols <= rows) & (cols > rows - self.window)
+        mask = band if attn_mask is None else attn_mask & band
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, **kwargs)
+
+
+@contextlib.contextmanager
+def dense_within_window(model: torch.nn.Module, window: int):
+    """Dense layers see only their last `window` keys inside the block (dsv4.attention's SDPA call is banded)."""
+    count = sum(isinstance(m, DenseAttention) for m in model.modules())
+    saved = attention_module.F
+    attention_module.F = _BandedFunctional(window)
+    try:
+        yield count
+    finally:
+        attention_module.F = saved
+
+
+def restricted(model: torch.nn.Module, window: int, drop: tuple[str, ...]):
+    """The context in which `model` sees no further back than its window (or drops only the `drop` kinds)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(without_compressed_entries(model, drop))
+    stack.enter_context(dense_within_window(model, window))
+    return stack
+
+
+def ablate(run_dir: Path, batches: int, drop: tuple[str, ...]) -> dict[str, Any]:
+    from dsv4.evaluate import loss_tasks
+    from dsv4.evaluation.data import run_settings
+    from dsv4.loading import load_model
+
+    loaded = load_model(run_dir, backend="torch")
+    settings = run_settings(loaded)
+    window = loaded.config.sliding_window
+    with torch.no_grad():
+        full = loss_tasks(loaded, settings, "bundled", batches, None, None)
+        with restricted(loaded.model, window, drop):
+            cut = loss_tasks(loaded, settings, "bundled", batches, None, None)
+    layers = [loaded.config.layer_kind(i) for i in range(loaded.config.num_hidden_layers)]
+    return {"run": run_dir.name, "layers": layers, "window": window, "drop": list(drop),
+            "trained": full["positions"], "restricted": cut["positions"],
+            "loss": full["loss"], "loss_restricted": cut["loss"]}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    edges = [(b["start"], b["end"]) for b in results[0]["trained"]["buckets"]]
+    head = ["run", "loss > W trained", "restricted to W", "gain from beyond W"] + [
+        f"gain {lo}..{hi}" for lo, hi in edges[1:]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t, c = r["trained"], r["restricted"]
+        gains = [cb["loss"] - tb["loss"] for tb, cb in zip(t["buckets"][1:], c["buckets"][1:])]
+        cells = [r["run"], f"{t['loss_beyond_window']:.4f}", f"{c['loss_beyond_window']:.4f}",
+                 f"{c['loss_beyond_window'] - t['loss_beyond_window']:+.4f}"] + [f"{g:+.4f}" for g in gains]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def finished_runs(out: Path) -> list[Path]:
+    runs = sorted(p.parent for p in (out / "runs").glob("*/summary.json") if not p.parent.name.endswith("-trial"))
+    if not runs:
+        raise SystemExit(f"{out}: no finished full run of the quality experiment (runs/*/summary.json)")
+    return runs
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/quality_ablation.py", description=__doc__.splitlines()[0])
+    p.add_argument("out", help="the quality experiment's output directory")
+    p.add_argument("--batches", type=int, default=8, help="held-out batches (the experiment evaluates on 8)")
+    p.add_argument("--drop", default="csa,hca", help="V4 layer kinds whose compressed entries are dropped")
+    p.add_argument("--out", dest="json_out", default=None, help="write the results here (JSON)")
+    args = p.parse_args(argv)
+    drop = tuple(k.strip() for k in args.drop.split(",") if k.strip())
+    if not drop or set(drop) - {"csa", "hca"}:
+        p.error(f"--drop={args.drop}: choose from csa, hca")
+    results = [ablate(run, args.batches, drop) for run in finished_runs(Path(args.out))]
+    print(table(results))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
