@@ -10,8 +10,13 @@ evaluation), by position bucket, twice: as trained, and restricted to its window
               to their window rows and the sink only; the indexer then has nothing to pick from). `--drop csa` or
               `--drop hca` drops one kind only.
   dense       the causal mask becomes a band of the window's width (each query sees its last W tokens).
-The difference (restricted - trained) on tokens beyond the window is what the model takes from beyond it: zero
-for a window-only model by construction, and the whole of V4's claim for CSA and HCA. Prints a table, writes JSON.
+The difference (restricted - trained) on tokens beyond the window is what the model needs beyond it: zero for a
+window-only model by construction. A model trained with its compressed entries can also lean on them for what is
+near (a summary of recent groups), so a second measure asks for far information only:
+  far swap    each sequence's first `--swap` tokens are replaced by another sequence's; the loss is read on tokens at
+              least the model's reach of windows past the swap (num_layers x (W - 1) + 1 tokens: a window-only
+              model's loss there cannot change, the check). What rises is what the model took from that far back.
+Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -83,9 +88,31 @@ def restricted(model: torch.nn.Module, window: int, drop: tuple[str, ...]):
     return stack
 
 
-def ablate(run_dir: Path, batches: int, drop: tuple[str, ...]) -> dict[str, Any]:
+def far_swap(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], swap: int, start: int) -> dict[str, float]:
+    """Mean loss on sequence positions >= start with each sequence's first `swap` tokens as they are and with them
+    taken from the next sequence of the batch (all batches together)."""
+    from dsv4.model import IGNORE_INDEX
+
+    sums = {"kept": 0.0, "swapped": 0.0}
+    count = 0
+    for batch in batches:
+        ids, labels = batch["input_ids"], batch["labels"]
+        swapped = ids.clone()
+        swapped[:, :swap] = ids.roll(1, dims=0)[:, :swap]
+        tail = labels[:, start:]
+        valid = tail != IGNORE_INDEX
+        for name, inputs in (("kept", ids), ("swapped", swapped)):
+            logits = model(inputs)[:, start:].float()
+            loss = F.cross_entropy(logits.flatten(0, 1), tail.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            sums[name] += loss.item()
+        count += int(valid.sum())
+    return {"swap": swap, "start": start, "tokens": count, "kept": sums["kept"] / count,
+            "swapped": sums["swapped"] / count, "rise": (sums["swapped"] - sums["kept"]) / count}
+
+
+def ablate(run_dir: Path, batches: int, drop: tuple[str, ...], swap: int) -> dict[str, Any]:
     from dsv4.evaluate import loss_tasks
-    from dsv4.evaluation.data import run_settings
+    from dsv4.evaluation.data import run_settings, validation_batches
     from dsv4.loading import load_model
 
     loaded = load_model(run_dir, backend="torch")
@@ -95,22 +122,26 @@ def ablate(run_dir: Path, batches: int, drop: tuple[str, ...]) -> dict[str, Any]
         full = loss_tasks(loaded, settings, "bundled", batches, None, None)
         with restricted(loaded.model, window, drop):
             cut = loss_tasks(loaded, settings, "bundled", batches, None, None)
+        val, _ = validation_batches(loaded, settings, "bundled", batches, settings.seq_len, settings.micro_batch)
+        reach = loaded.config.num_hidden_layers * (window - 1) + 1
+        far = far_swap(loaded.model, val, swap, swap + reach)
     layers = [loaded.config.layer_kind(i) for i in range(loaded.config.num_hidden_layers)]
     return {"run": run_dir.name, "layers": layers, "window": window, "drop": list(drop),
             "trained": full["positions"], "restricted": cut["positions"],
-            "loss": full["loss"], "loss_restricted": cut["loss"]}
+            "loss": full["loss"], "loss_restricted": cut["loss"], "far_swap": far}
 
 
 def table(results: list[dict[str, Any]]) -> str:
     edges = [(b["start"], b["end"]) for b in results[0]["trained"]["buckets"]]
     head = ["run", "loss > W trained", "restricted to W", "gain from beyond W"] + [
-        f"gain {lo}..{hi}" for lo, hi in edges[1:]]
+        f"gain {lo}..{hi}" for lo, hi in edges[1:]] + ["far swap: rise"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         t, c = r["trained"], r["restricted"]
         gains = [cb["loss"] - tb["loss"] for tb, cb in zip(t["buckets"][1:], c["buckets"][1:])]
         cells = [r["run"], f"{t['loss_beyond_window']:.4f}", f"{c['loss_beyond_window']:.4f}",
                  f"{c['loss_beyond_window'] - t['loss_beyond_window']:+.4f}"] + [f"{g:+.4f}" for g in gains]
+        cells.append(f"{r['far_swap']['rise']:+.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -127,13 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="the quality experiment's output directory")
     p.add_argument("--batches", type=int, default=8, help="held-out batches (the experiment evaluates on 8)")
     p.add_argument("--drop", default="csa,hca", help="V4 layer kinds whose compressed entries are dropped")
+    p.add_argument("--swap", type=int, default=192, help="far swap: tokens replaced at each sequence's start")
     p.add_argument("--out", dest="json_out", default=None, help="write the results here (JSON)")
     args = p.parse_args(argv)
     drop = tuple(k.strip() for k in args.drop.split(",") if k.strip())
     if not drop or set(drop) - {"csa", "hca"}:
         p.error(f"--drop={args.drop}: choose from csa, hca")
-    results = [ablate(run, args.batches, drop) for run in finished_runs(Path(args.out))]
+    results = [ablate(run, args.batches, drop, args.swap) for run in finished_runs(Path(args.out))]
     print(table(results))
+    far = results[0]["far_swap"]
+    print(f"far swap: the first {far['swap']} tokens of each sequence from another sequence; loss read on positions "
+          f">= {far['start']} ({far['tokens']:,} tokens)")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return 0

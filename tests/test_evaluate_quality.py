@@ -110,3 +110,24 @@ def test_restricted_to_the_window_a_model_sees_no_further_back_than_its_layers_o
     assert full_diff[reach + 1:].max() > 1e-4  # as trained, token 0 reaches the end (compressed entries, dense)
     assert cut_diff[:reach + 1].max() > 1e-4 and cut_diff[reach + 1:].max() == 0  # restricted: only the window
     assert torch.equal(after, full_diff)  # and the model is as it was after the block
+
+
+def test_the_far_swap_moves_only_a_model_that_sees_that_far():
+    import torch
+    from quality_ablation import far_swap
+
+    from dsv4.config import ModelConfig
+    from dsv4.model import DSV4Model
+
+    ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(1))
+    batches = [{"input_ids": ids, "labels": ids.roll(-1, dims=1)}]
+    rises = {}
+    for ratios in ([0, 0], [-1, -1]):  # window-only (reach 2 x 3 + 1 = 7 tokens), dense
+        torch.manual_seed(0)
+        model = DSV4Model(ModelConfig(**ABLATION_MODEL, compress_ratios=ratios), backend="torch").eval()
+        with torch.no_grad():
+            rises[ratios[0]] = far_swap(model, batches, swap=10, start=17)
+            within_reach = far_swap(model, batches, swap=10, start=12)
+        assert abs(within_reach["rise"]) > 1e-4  # read inside the reach, the swap shows in either model
+    assert rises[0]["rise"] == 0 and rises[0]["tokens"] == 3 * 23  # past the reach: window-only cannot see it
+    assert abs(rises[-1]["rise"]) > 1e-4  # dense can
