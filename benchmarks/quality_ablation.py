@@ -88,9 +88,10 @@ def restricted(model: torch.nn.Module, window: int, drop: tuple[str, ...]):
     return stack
 
 
-def far_swap(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], swap: int, start: int) -> dict[str, float]:
+def far_swap(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], swap: int, start: int,
+             documents: bool = False) -> dict[str, float]:
     """Mean loss on sequence positions >= start with each sequence's first `swap` tokens as they are and with them
-    taken from the next sequence of the batch (all batches together)."""
+    taken from the next sequence of the batch (all batches together). documents: as in evaluate_batches."""
     from dsv4.model import IGNORE_INDEX
 
     sums = {"kept": 0.0, "swapped": 0.0}
@@ -102,7 +103,7 @@ def far_swap(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], swa
         tail = labels[:, start:]
         valid = tail != IGNORE_INDEX
         for name, inputs in (("kept", ids), ("swapped", swapped)):
-            logits = model(inputs)[:, start:].float()
+            logits = model(inputs, positions=batch["positions"] if documents else None)[:, start:].float()
             loss = F.cross_entropy(logits.flatten(0, 1), tail.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             sums[name] += loss.item()
         count += int(valid.sum())
@@ -111,20 +112,23 @@ def far_swap(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], swa
 
 
 def ablate(run_dir: Path, batches: int, drop: tuple[str, ...], swap: int) -> dict[str, Any]:
-    from dsv4.evaluate import loss_tasks
     from dsv4.evaluation.data import run_settings, validation_batches
+    from dsv4.evaluation.losses import evaluate_batches
     from dsv4.loading import load_model
 
     loaded = load_model(run_dir, backend="torch")
-    settings = run_settings(loaded)
-    window = loaded.config.sliding_window
+    settings, model = run_settings(loaded), loaded.model
+    window, seq_len = loaded.config.sliding_window, settings.seq_len
+    start = swap + loaded.config.num_hidden_layers * (window - 1) + 1  # past a window-only model's reach
+    if swap < 1 or start >= seq_len:
+        raise SystemExit(f"--swap={swap}: with {loaded.config.num_hidden_layers} layers of a {window}-token window "
+                         f"the loss is read from position {start} on, past the context of {seq_len}; give less")
+    val, _ = validation_batches(loaded, settings, "bundled", batches, seq_len, settings.micro_batch)
     with torch.no_grad():
-        full = loss_tasks(loaded, settings, "bundled", batches, None, None)
-        with restricted(loaded.model, window, drop):
-            cut = loss_tasks(loaded, settings, "bundled", batches, None, None)
-        val, _ = validation_batches(loaded, settings, "bundled", batches, settings.seq_len, settings.micro_batch)
-        reach = loaded.config.num_hidden_layers * (window - 1) + 1
-        far = far_swap(loaded.model, val, swap, swap + reach)
+        full = evaluate_batches(model, val, window, seq_len, settings.documents)
+        with restricted(model, window, drop):
+            cut = evaluate_batches(model, val, window, seq_len, settings.documents)
+        far = far_swap(model, val, swap, start, settings.documents)
     layers = [loaded.config.layer_kind(i) for i in range(loaded.config.num_hidden_layers)]
     return {"run": run_dir.name, "layers": layers, "window": window, "drop": list(drop),
             "trained": full["positions"], "restricted": cut["positions"],
