@@ -35,7 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dsv4 import attention as attention_module  # noqa: E402
-from dsv4.attention import DenseAttention, V4Attention  # noqa: E402
+from dsv4.attention import V4Attention  # noqa: E402
+from dsv4.ops.ranges import causal_ranges  # noqa: E402
+from dsv4.ops.v4_attention.naive import v4_attention_mask  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -44,14 +46,14 @@ def without_compressed_entries(model: torch.nn.Module, kinds: tuple[str, ...] = 
     hooks = [m.compressor.register_forward_hook(lambda _m, _args, out: out[:, :0])
              for m in model.modules() if isinstance(m, V4Attention) and m.kind in kinds]
     try:
-        yield len(hooks)
+        yield
     finally:
         for h in hooks:
             h.remove()
 
 
 class _BandedFunctional:
-    """torch.nn.functional, with causal SDPA replaced by SDPA under a causal band of `window` keys."""
+    """torch.nn.functional, with SDPA restricted to the V4 window's rows (the oracle's mask of a window-only layer)."""
 
     def __init__(self, window: int) -> None:
         self.window = window
@@ -60,22 +62,19 @@ class _BandedFunctional:
         return getattr(F, name)
 
     def scaled_dot_product_attention(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        s_q, s_k = q.shape[-2], k.shape[-2]
-        rows = torch.arange(s_q, device=q.device)[:, None] + (s_k - s_q)
-        cols = torch.arange(s_k, device=q.device)[None, :]
-        band = (cols <= rows) & (cols > rows - self.window)
+        seq_len = q.shape[-2]  # a full forward: as many keys as queries
+        band = v4_attention_mask(causal_ranges(1, seq_len, self.window, 0, q.device), seq_len, 0, None)[:, None]
         mask = band if attn_mask is None else attn_mask & band
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, **kwargs)
 
 
 @contextlib.contextmanager
-def dense_within_window(model: torch.nn.Module, window: int):
+def dense_within_window(window: int):
     """Dense layers see only their last `window` keys inside the block (dsv4.attention's SDPA call is banded)."""
-    count = sum(isinstance(m, DenseAttention) for m in model.modules())
     saved = attention_module.F
     attention_module.F = _BandedFunctional(window)
     try:
-        yield count
+        yield
     finally:
         attention_module.F = saved
 
@@ -84,7 +83,7 @@ def restricted(model: torch.nn.Module, window: int, drop: tuple[str, ...]):
     """The context in which `model` sees no further back than its window (or drops only the `drop` kinds)."""
     stack = contextlib.ExitStack()
     stack.enter_context(without_compressed_entries(model, drop))
-    stack.enter_context(dense_within_window(model, window))
+    stack.enter_context(dense_within_window(window))
     return stack
 
 
