@@ -6,14 +6,15 @@ here reads a file: sources, tokenizer and EOS are checked by `prepare_data`."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from data_pipelines.packed import DataError
+from data_pipelines.recall import RecallSpec
 
-SOURCE_KINDS = ("bundled", "files", "hub", "passkey")
+SOURCE_KINDS = ("bundled", "files", "hub", "passkey", "recall")
 FILE_FORMATS = ("auto", "json", "parquet", "text")
 
 
@@ -27,10 +28,33 @@ class PasskeyConfig:
 
 
 @dataclass
+class RecallConfig:
+    """kind: recall -- synthetic recall documents (data_pipelines/recall.py), given as token ids with a loss mask.
+    The fields and defaults of RecallSpec, which checks them (a frozen dataclass cannot be a config node)."""
+    task: str = "mqar"  # copy | mqar | passkey
+    items: int = 8  # mqar: key-value pairs; copy: string length; passkey: digits of the key
+    num_keys: int = 32  # mqar: key symbols (keys of a document are distinct)
+    num_values: int = 16  # values (mqar), string symbols (copy), digit symbols (passkey)
+    gap: int = 64  # filler tokens between the context and the queries
+    gap_max: int | None = None  # null: always `gap`; else uniform in [gap, gap_max]
+    layout: str = "aligned"  # mqar: aligned (each pair alone at the start of its group) | packed (back to back)
+    group: int = 4  # mqar aligned: tokens per pair slot (4: one CSA compression group)
+    filler: str = "fixed"  # fixed (one filler token) | random (uniform over 16 filler symbols)
+    loss: str = "answers"  # answers (loss only on the answer tokens) | all
+    val_documents: int = 64  # documents in the validation split (a fixed set; training is endless)
+
+
+def recall_spec(settings: Any) -> RecallSpec:
+    """The RecallSpec of a source's `recall` settings (a RecallConfig, or a config node with its keys)."""
+    return RecallSpec(**{f.name: getattr(settings, f.name) for f in fields(RecallSpec)})
+
+
+@dataclass
 class SourceConfig:
     """One data source of a (mixture) stream; `kind` says which keys apply."""
     kind: str = "files"  # bundled (a <|doc|>-separated .txt/.txt.gz) | files (json/jsonl/parquet/text globs) | hub
     #                      | passkey (synthetic key retrieval over the bundled corpus, or `path` in its format)
+    #                      | recall (synthetic copy / MQAR / passkey symbol documents, trained on the answers; no path)
     name: str | None = None  # label in logs and proportions; default: derived from path / hub name
     path: Any = None  # files: a glob or list of globs; bundled: a file (null: the bundled corpus)
     format: str = "auto"  # files: auto (from the extension) | json (JSON lines) | parquet | text
@@ -42,13 +66,15 @@ class SourceConfig:
     weight: float = 1.0  # mixture weight (relative; proportions of documents)
     val_path: Any = None  # files: held-out files for validation (null: hold out by val_fraction)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)  # passkey: its settings
+    recall: RecallConfig = field(default_factory=RecallConfig)  # recall: its settings
 
 
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)  # empty: one bundled source (data.path)
     path: str | None = None  # bundled source: null = the bundled corpus; else a .txt / .txt.gz (<|doc|> separated)
-    tokenizer: str | None = None  # null: the bundled tokenizer; a tokenizer.json path; or a Hub tokenizer name
+    tokenizer: str | None = None  # null: the bundled tokenizer; a tokenizer.json path; a Hub tokenizer name; or
+    #                                recall (the 147 recall symbols, data_pipelines/recall.py; recall sources only)
     eos_token: str | None = None  # null: the first of <|endoftext|>, </s>, <eos>, <|end_of_text|> in the vocab
     val_fraction: float = 0.02  # documents held out for validation (bundled: every Nth; files/hub: by text hash)
     cross_document_attention: bool = True  # false: attention stays inside each packed document
@@ -110,6 +136,9 @@ def _check_data(data: DataConfig, need) -> None:
             need(bool(src.hub), f"{key}.hub", src.hub, "give the dataset's name on the Hub, e.g. 'user/dataset'")
         if src.kind == "passkey":
             _check_passkey(src.passkey, f"{key}.passkey", need)
+        if src.kind == "recall":
+            need(src.path is None, f"{key}.path", src.path, "a recall source generates its documents: give no path")
+            recall_spec(src.recall).check(f"{key}.recall")
         if src.kind != "files":
             need(src.val_path is None, f"{key}.val_path", src.val_path, "only files sources take held-out files")
         if src.val_path is not None:

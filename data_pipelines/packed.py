@@ -10,6 +10,9 @@ With every sequence come, for its S = seq_len input positions:
   positions [S]  position within that segment, 0 at each document start AND at the start of the sequence: a
                  document continued from the previous sequence restarts at 0, because attention over this
                  sequence cannot see its earlier part (it is a new context, as if run separately).
+  labels    [S]  the next token, or IGNORE_INDEX where the label is masked: a document given with a loss mask
+                 (a `TokenDocument`, data_pipelines/recall.py) trains only on the tokens its mask keeps, and its EOS
+                 then gets no loss either (it is no answer); a plain text document keeps every label.
 
 Also here: the bundled corpus format (documents separated by `<|doc|>` lines) and the bundled paths.
 """
@@ -27,6 +30,7 @@ BUNDLED_CORPUS = BUNDLED_DIR / "corpus.txt.gz"
 BUNDLED_TOKENIZER = BUNDLED_DIR / "tokenizer.json"
 DOC_SEPARATOR = "<|doc|>"
 EOS_TOKEN = "<|endoftext|>"
+IGNORE_INDEX = -100  # labels no loss is taken on: the model's ignore index (data knows no model, so it is set here)
 
 
 class DataError(RuntimeError):
@@ -78,32 +82,56 @@ def split_every_nth(docs: list[str], val_fraction: float) -> tuple[list[str], li
 class Packer:
     """Token buffer that turns documents into sequences of seq_len + 1 tokens with document ids and positions.
 
-    State (JSON-able, part of each rank's resumable data state): the buffered tokens not yet emitted and which
-    of them start a document."""
+    State (JSON-able, part of each rank's resumable data state): the buffered tokens not yet emitted, which of
+    them start a document, and which of them have a masked label (`masked`; a state without it masks nothing)."""
 
     def __init__(self, seq_len: int, state: dict[str, Any] | None = None) -> None:
         self.seq_len = seq_len
         self.tokens: list[int] = list(state["tokens"]) if state else []
         self.doc_starts: list[int] = list(state["doc_starts"]) if state else []  # indices into self.tokens
+        # indices into self.tokens whose label (as the target of the position before them) is ignored
+        self.masked: list[int] = list(state.get("masked", [])) if state else []
+        # [answer, source] token indices of answers not yet emitted: an answer whose source is cut off into an
+        # earlier sequence cannot be recalled there, so it loses its label when that happens
+        self.recalls: list[list[int]] = [list(r) for r in state.get("recalls", [])] if state else []
 
     def needs_more(self) -> bool:
         return len(self.tokens) < self.seq_len + 1
 
-    def add_document(self, ids: list[int], eos_id: int) -> None:
-        """Append one document's tokens and its EOS."""
-        self.doc_starts.append(len(self.tokens))
+    def add_document(self, ids: list[int], eos_id: int, loss_mask: list[bool] | None = None,
+                     recalls: list[tuple[int, int]] | None = None) -> None:
+        """Append one document's tokens and its EOS. loss_mask[i] False: token i is no label. A document whose
+        mask drops any token is trained on its kept tokens only, so its EOS gets no loss either; a plain document
+        (no mask, or one keeping every token) keeps every label, EOS included. recalls: (answer, source) token
+        indices of the document; an answer whose source ends up in an earlier sequence than itself is masked."""
+        start = len(self.tokens)
+        if loss_mask is not None and len(loss_mask) != len(ids):
+            raise ValueError(f"Packer: a loss mask of {len(loss_mask)} for a document of {len(ids)} tokens")
+        self.doc_starts.append(start)
         self.tokens.extend(ids)
         self.tokens.append(eos_id)
+        if loss_mask is not None and not all(loss_mask):
+            self.masked.extend(start + i for i, keep in enumerate(loss_mask) if not keep)
+            self.masked.append(start + len(ids))  # the EOS
+        self.recalls.extend([start + answer, start + source] for answer, source in recalls or ())
 
     def pop_raw(self) -> dict[str, list[int]]:
-        """The next sequence as plain lists: tokens [S + 1] and the document starts among its S inputs."""
+        """The next sequence as plain lists: tokens [S + 1], the document starts among its S inputs, and the
+        masked tokens among its S labels (indices 1..S into tokens: token j is label j - 1)."""
         n = self.seq_len
         if self.needs_more():
             raise ValueError(f"Packer: {len(self.tokens)} tokens buffered, a sequence needs {n + 1}")
-        raw = {"tokens": self.tokens[: n + 1], "doc_starts": [s for s in self.doc_starts if s < n]}
-        # keep the last token: it is the next sequence's first input (and this sequence's last label)
+        # this sequence's inputs are tokens 0..n-1: an answer among its labels (1..n) whose source lies before
+        # token 0 was cut off (the earlier sequence held it)
+        self.masked += [a for a, src in self.recalls if 1 <= a <= n and src < 0]
+        raw = {"tokens": self.tokens[: n + 1], "doc_starts": [s for s in self.doc_starts if s < n],
+               "masked": [m for m in self.masked if 1 <= m <= n]}
+        # keep the last token: it is the next sequence's first input (and this sequence's last label, so its mask
+        # is spent: index 0 is never a label)
         self.tokens = self.tokens[n:]
         self.doc_starts = [s - n for s in self.doc_starts if s >= n]
+        self.masked = [m - n for m in self.masked if m > n]
+        self.recalls = [[a - n, src - n] for a, src in self.recalls if a > n]
         return raw
 
     def pop_sequence(self) -> dict[str, torch.Tensor]:
@@ -111,11 +139,13 @@ class Packer:
         return sequence_tensors(self.pop_raw())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens": list(self.tokens), "doc_starts": list(self.doc_starts)}
+        return {"tokens": list(self.tokens), "doc_starts": list(self.doc_starts), "masked": list(self.masked),
+                "recalls": [list(r) for r in self.recalls]}
 
 
 def sequence_tensors(raw: dict[str, list[int]]) -> dict[str, torch.Tensor]:
-    """input_ids, labels, doc_ids, positions [S] from tokens [S + 1] and the document starts."""
+    """input_ids, labels, doc_ids, positions [S] from tokens [S + 1], the document starts and the masked tokens
+    (a raw sequence without `masked`, from an older state, masks nothing)."""
     window = torch.tensor(raw["tokens"], dtype=torch.long)  # [S + 1]
     n = len(window) - 1
     starts = torch.zeros(n, dtype=torch.bool)  # [S] a new segment starts here
@@ -125,4 +155,8 @@ def sequence_tensors(raw: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     index = torch.arange(n)
     segment_start = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), 0).values
     positions = index - segment_start  # [S]
-    return {"input_ids": window[:-1], "labels": window[1:], "doc_ids": doc_ids, "positions": positions}
+    labels = window[1:].clone()  # [S]
+    masked = raw.get("masked")
+    if masked:
+        labels[torch.tensor(masked, dtype=torch.long) - 1] = IGNORE_INDEX
+    return {"input_ids": window[:-1], "labels": labels, "doc_ids": doc_ids, "positions": positions}

@@ -2,7 +2,8 @@
 
     prepare_data(data config)      checks sources, tokenizer and EOS before training -> DataPlan
     StreamingData(plan, ..., dp_rank, dp_world)
-        .batches()                 micro-batches {input_ids, labels, doc_ids, positions}, each [B, S]
+        .batches()                 micro-batches {input_ids, labels, doc_ids, positions}, each [B, S]; labels
+                                   are -100 (ignored) where a source's loss mask drops them (packed.py)
         .state_dict() / .load_state_dict()   the stream position after the last micro-batch handed out
         .val_batches(n)            this rank's share of a fixed held-out set (the same every evaluation)
     save_data_state / load_data_state      one JSON file per rank next to each checkpoint
@@ -37,8 +38,9 @@ import torch
 
 from data_pipelines.mixture import Mixture
 from data_pipelines.packed import DataError, Packer, sequence_tensors
+from data_pipelines.recall import TokenDocument
 from data_pipelines.sources import SKIP_KINDS, SourceSpec, open_stream, resolve_sources
-from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
+from data_pipelines.tokenizer import RECALL_TOKENIZER, TokenizerSpec, eos_id_of, load_tokenizer
 
 STATE_VERSION = 1
 FINGERPRINT_KEYS = {"seq_len": "train.seq_len", "micro_batch": "train.micro_batch_size", "seed": "data.seed",
@@ -77,6 +79,13 @@ def prepare_data(data: Any) -> DataPlan:
     """Check a DataConfig (dsv4.training.config) before training: sources, tokenizer, EOS. Raises DataError."""
     sources = tuple(resolve_sources(data))
     spec = TokenizerSpec(data.tokenizer, data.eos_token)
+    if spec.value == RECALL_TOKENIZER:
+        for source in sources:
+            if source.kind != "recall":
+                raise DataError(f"data.tokenizer=recall: {source.key} ({source.name}) is a {source.kind} source, "
+                                "and the recall tokenizer knows only the recall symbols, so its text would not "
+                                "tokenize; to mix recall with text keep a text tokenizer (e.g. data.tokenizer=null): "
+                                "recall sources then use reserved ids of it (data_pipelines/recall.py)")
     tokenizer = load_tokenizer(spec)
     return DataPlan(sources=sources, tokenizer=spec, eos_id=eos_id_of(tokenizer, spec),
                     vocab_size=tokenizer.get_vocab_size(), val_fraction=float(data.val_fraction),
@@ -88,7 +97,10 @@ def prepare_data(data: Any) -> DataPlan:
 
 
 class LanePipeline:
-    """One lane: sources -> mixture -> tokenize -> pack -> micro-batches. Runs inside a worker (or in-process)."""
+    """One lane: sources -> mixture -> tokenize -> pack -> micro-batches. Runs inside a worker (or in-process).
+
+    A source's document is text (tokenized here) or a TokenDocument (ids as they are, and a loss mask that
+    packing turns into ignored labels)."""
 
     def __init__(self, plan: DataPlan, split: str, seq_len: int, micro_batch: int, seed: int, lane: int,
                  num_lanes: int, state: dict[str, Any] | None = None) -> None:
@@ -106,6 +118,7 @@ class LanePipeline:
         # Training draws each sequence at random from a pool of packed ones, so a micro-batch mixes documents
         # (a long document would otherwise fill it). The pool and its RNG are part of the state: resume is exact.
         self.shuffle = plan.shuffle_buffer if split == "train" else 0
+        # raw sequences (tokens, doc_starts, masked; sequences saved before masks existed have no `masked`)
         self.pool: list[dict[str, list[int]]] = list(state.get("pool", []))
         self.pool_rng = np.random.default_rng([seed, lane, num_lanes, 2])
         if state.get("pool_rng"):
@@ -128,13 +141,17 @@ class LanePipeline:
             index = self.mixture.choose()
             if index is None:
                 return None
-            text = self.streams[index].next_document()
-            if text is None:
+            document = self.streams[index].next_document()
+            if document is None:
                 self.mixture.deactivate(index)
                 continue
-            ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+            if isinstance(document, TokenDocument):
+                ids, loss_mask = document.ids, document.loss_mask
+                recalls = list(zip(document.answers, document.sources))
+            else:
+                ids, loss_mask, recalls = self.tokenizer.encode(document, add_special_tokens=False).ids, None, None
             self.mixture.count(index, len(ids) + 1)
-            self.packer.add_document(ids, self.plan.eos_id)
+            self.packer.add_document(ids, self.plan.eos_id, loss_mask, recalls)
         return self.packer.pop_raw()
 
     def next_batch(self) -> dict[str, torch.Tensor]:

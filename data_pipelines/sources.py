@@ -9,13 +9,15 @@ Training order: the bundled corpus is reshuffled by document every epoch; file s
 default on) read their files (shards) in a new order every epoch, seeded by (seed, epoch) so every rank and lane
 agrees and a resume reproduces it; rows within a file stay in file order (the lanes' sequence pools mix them).
 Hub datasets are read in the order the Hub serves them. Passkey sources (data_pipelines/passkey.py) generate
-synthetic retrieval documents over bundled-corpus filler, seeded per lane.
+synthetic retrieval documents over bundled-corpus filler, seeded per lane; recall sources (data_pipelines/recall.py)
+generate copy / MQAR / passkey documents of recall symbols as token ids with a loss mask, seeded per lane.
 
 Held-out validation documents:
   bundled      every Nth document (N = 1 / data.val_fraction), as the corpus is read whole anyway;
   files        `val_path` files if given, else documents whose text hash falls in data.val_fraction;
   hub          documents whose text hash falls in data.val_fraction;
-  passkey      a fixed set of `passkey.val_documents` documents over the held-out bundled documents.
+  passkey      a fixed set of `passkey.val_documents` documents over the held-out bundled documents;
+  recall       a fixed set of `recall.val_documents` documents from a seed stream of their own.
 A hash split needs no document index (which streaming across shards and ranks does not give), is the same on
 every rank and after any resume, and never changes which documents train.
 
@@ -38,8 +40,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.config import recall_spec
 from data_pipelines.packed import BUNDLED_CORPUS, DataError, read_documents, split_every_nth
 from data_pipelines.passkey import PasskeySpec, PasskeyStream
+from data_pipelines.recall import RecallSpec, RecallStream
 
 FORMAT_OF_SUFFIX = {".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet", ".txt": "text",
                     ".text": "text", ".md": "text"}
@@ -54,8 +58,8 @@ class SourceSpec:
     index: int
     key: str  # config key for messages, e.g. "data.sources[1]" or "data.path"
     name: str
-    kind: str  # bundled | files | hub | passkey
-    format: str  # bundled | json | parquet | text | hub | passkey
+    kind: str  # bundled | files | hub | passkey | recall
+    format: str  # bundled | json | parquet | text | hub | passkey | recall
     files: tuple[str, ...] = ()
     val_files: tuple[str, ...] = ()
     sample_by: str = "document"
@@ -65,11 +69,16 @@ class SourceSpec:
     text_field: str = "text"
     weight: float = 1.0
     passkey: PasskeySpec | None = None  # passkey: its settings (files[0] is the filler corpus)
+    recall: RecallSpec | None = None  # recall: its settings
 
     def describe(self) -> str:
         if self.kind == "passkey":
             p = self.passkey
             return f"{self.name} (passkey, {p.digits} digits, {p.min_tokens}-{p.max_tokens} tokens)"
+        if self.kind == "recall":
+            r = self.recall
+            gap = f"{r.gap}-{r.gap_max}" if r.gap_max is not None else f"{r.gap}"
+            return f"{self.name} (recall {r.task}, {r.items} items, gap {gap})"
         if self.kind == "hub":
             return f"{self.name} (hub {self.hub}{'/' + self.hub_config if self.hub_config else ''}:{self.split})"
         if self.kind == "bundled":
@@ -102,6 +111,11 @@ def resolve_sources(data: Any) -> list[SourceSpec]:
                                     weight=float(src.weight),
                                     passkey=PasskeySpec(int(p.digits), int(p.min_tokens), int(p.max_tokens),
                                                         int(p.val_documents))))
+        elif src.kind == "recall":
+            recall = recall_spec(src.recall)
+            recall.check(f"{key}.recall")  # also when prepare_data is called without the config checks
+            specs.append(SourceSpec(i, key, src.name or f"recall{i}", "recall", "recall", weight=float(src.weight),
+                                    recall=recall))
         elif src.kind == "files":
             files = expand_globs(src.path, f"{key}.path")
             fmt = file_format(files, src.format, f"{key}.format")
@@ -277,8 +291,11 @@ def is_held_out(text: str, val_fraction: float) -> bool:
 
 def open_stream(spec: SourceSpec, split: str, lane: int, num_lanes: int, *, seed: int, val_fraction: float,
                 on_bad_row: str, shuffle_files: bool = False, state: dict[str, Any] | None = None,
-                tokenizer: Any = None) -> DocumentStream | PasskeyStream:
-    """The document stream of one source for one lane: generated passkey documents, or a DocumentStream."""
+                tokenizer: Any = None) -> DocumentStream | PasskeyStream | RecallStream:
+    """The document stream of one source for one lane: generated passkey or recall documents, or a DocumentStream.
+    The generated ones take the tokenizer (passkey: its filler text; recall: the ids of its symbols)."""
+    if spec.kind == "recall":
+        return RecallStream(spec, split, lane, num_lanes, seed=seed, tokenizer=tokenizer, state=state)
     if spec.kind == "passkey":
         return PasskeyStream(spec, split, lane, num_lanes, seed=seed, val_fraction=val_fraction,
                              tokenizer=tokenizer, state=state)

@@ -1,4 +1,5 @@
-"""Tokenizers for the data stream: the bundled 4K BPE by default, a tokenizer.json file, or a Hub tokenizer name.
+"""Tokenizers for the data stream: the bundled 4K BPE by default, a tokenizer.json file, a Hub tokenizer name, or
+`recall`: a word-level tokenizer of exactly the recall symbols (data_pipelines/recall.py), built in memory.
 
 Loaded once per process (the training process checks it before training; each DataLoader worker loads its
 own copy from the same spec)."""
@@ -9,14 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_pipelines.packed import BUNDLED_TOKENIZER, DataError
+from data_pipelines.packed import BUNDLED_TOKENIZER, EOS_TOKEN, DataError
+from data_pipelines.recall import recall_words
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+RECALL_TOKENIZER = "recall"  # data.tokenizer value that selects recall_tokenizer()
 
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """What to load: `value` is None (bundled), a file path, or a Hugging Face Hub tokenizer name."""
+    """What to load: `value` is None (bundled), "recall", a file path, or a Hugging Face Hub tokenizer name."""
     value: str | None = None
     eos_token: str | None = None  # None: the first of EOS_CANDIDATES in the vocabulary
 
@@ -30,6 +33,8 @@ def load_tokenizer(spec: TokenizerSpec) -> Any:
     from tokenizers import Tokenizer
 
     value = spec.value
+    if value == RECALL_TOKENIZER:  # the name wins over a file called `recall` here (give ./recall for that one)
+        return recall_tokenizer()
     path = Path(value) if value else BUNDLED_TOKENIZER
     if path.is_file():
         try:
@@ -44,6 +49,23 @@ def load_tokenizer(spec: TokenizerSpec) -> Any:
         raise DataError(f"data.tokenizer={value!r}: not a file here, and loading it from the Hugging Face Hub "
                         f"failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Give a tokenizer.json path, "
                         "or a Hub name with network access (unset HF_HUB_OFFLINE).") from None
+
+
+def recall_tokenizer() -> Any:
+    """A word-level `tokenizers.Tokenizer` whose ids are recall_words() in order (0..146), EOS last and special.
+
+    Words are split on whitespace (decoding joins them with spaces). There is no unknown token: a word outside the
+    recall symbols raises rather than silently becoming some symbol (prepare_data refuses text sources with this
+    tokenizer before training).
+    It is built in memory; `Tokenizer.save` writes it as a plain tokenizer.json (dsv4.export does), which loads
+    back with the same ids."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    vocab = {word: i for i, word in enumerate(recall_words())}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken(EOS_TOKEN, special=True)])  # already id 146: marked special only
+    return tokenizer
 
 
 def eos_id_of(tokenizer: Any, spec: TokenizerSpec) -> int:
