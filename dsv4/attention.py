@@ -43,6 +43,7 @@ class AttentionOptions:
         self.deterministic = deterministic  # Triton backward: fixed-order dK=V (else fp32 atomics)
         self.sp = None  # dsv4.parallel.SequenceParallel, injected by the trainer (None: one device)
         self.collect_stats = False  # record sink mass / indexer recall on the next forward (logging steps)
+        self.keep_picks = False  # keep each CSA layer's top-k picks of the next forward (evaluation: hit rates)
 
     @property
     def sequence_parallel(self):
@@ -144,6 +145,7 @@ class V4Attention(nn.Module):
 
         if opts.collect_stats:
             self._record_stats(q, compressed, lse, topk_idx, ranges)
+        self.picks = topk_idx if opts.keep_picks else None
 
         return self.project_out(out, positions), indexer_loss
 

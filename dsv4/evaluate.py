@@ -21,6 +21,11 @@ Tasks:
   passkey    greedy retrieval of a random key hidden at a given depth of filler text, accuracy by length (default
              2, 4, 8 and 16 x the window) and depth (dsv4/evaluation/passkey.py); seeded (--seed), so every model
              with the same tokenizer gets the same prompts.
+  recall     synthetic recall (data_pipelines/recall.py: copy, mqar, passkey) on held-out seeds: answer accuracy by
+             distance bucket (inside the window, 1-2, 2-4, 4-8 ... windows) and beyond the stacked windows' reach,
+             and for CSA layers the indexer's hit rate (dsv4/evaluation/recall.py). Every recall source the run
+             trained on, else MQAR with answers 1-8 windows back; --recall-gap / --recall-gap-max /
+             --recall-items change the distances and sizes. Not in the default --tasks.
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from dsv4.evaluation.data import RunSettings, held_out_documents, run_settings, 
 from dsv4.evaluation.decoding import greedy_continue
 from dsv4.evaluation.losses import evaluate_batches
 from dsv4.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_LENGTH_MULTIPLES, passkey_prompts, score_passkey
+from dsv4.evaluation.recall import default_spec, format_recall, recall_task
 from dsv4.loading import LoadedModel, load_model
 
-TASKS = ("ppl", "positions", "passkey")
+TASKS = ("ppl", "positions", "passkey", "recall")
 PHASES = ("auto", "dense", "indexer_warmup", "sparse")
 
 
@@ -95,7 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passkey-per-cell", type=int, default=4, help="prompts per (length, depth)")
     p.add_argument("--passkey-digits", type=int, default=None, help="key length (default: the run's passkey "
                                                                     "source's, else 5)")
-    p.add_argument("--seed", type=int, default=0, help="passkey prompt seed")
+    p.add_argument("--recall-docs", type=int, default=256, help="recall: held-out documents per task")
+    p.add_argument("--recall-gap", type=int, default=None, help="recall: filler tokens between context and queries")
+    p.add_argument("--recall-gap-max", type=int, default=None, help="recall: the gap drawn from [gap, gap-max]")
+    p.add_argument("--recall-items", type=int, default=None, help="recall: pairs / string length / digits")
+    p.add_argument("--seed", type=int, default=0, help="passkey prompt and recall document seed")
     p.add_argument("--backend", default="auto", help="attention backend: auto | torch | triton | naive")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the results as JSON to this file")
@@ -107,10 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can be checked before loading the model; ConfigError names the flag."""
     checked: dict[str, Any] = {"tasks": parse_tasks(args.tasks)}
-    for flag in ("batches", "seq_len", "batch_size", "passkey_per_cell", "passkey_digits"):
+    for flag in ("batches", "seq_len", "batch_size", "passkey_per_cell", "passkey_digits", "recall_docs",
+                 "recall_items"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={value}: must be >= 1")
+    if args.recall_gap is not None and args.recall_gap < 0:
+        raise ConfigError(f"--recall-gap={args.recall_gap}: must be >= 0")
+    if args.recall_gap_max is not None and args.recall_gap_max < (args.recall_gap or 0):
+        raise ConfigError(f"--recall-gap-max={args.recall_gap_max}: must be >= --recall-gap")
+    checked["recall"] = {k: v for k, v in (("gap", args.recall_gap), ("gap_max", args.recall_gap_max),
+                                           ("items", args.recall_items)) if v is not None}
     if args.phase not in PHASES:
         raise ConfigError(f"--phase={args.phase!r}: choose from {', '.join(PHASES)}")
     checked["lengths"] = _int_list(args.passkey_lengths, "--passkey-lengths") if args.passkey_lengths else None
@@ -153,7 +170,7 @@ def evaluate(path: str | Path, tasks: list[str], *, data: str | None = None, bat
              seq_len: int | None = None, batch_size: int | None = None, phase: str = "auto",
              passkey_lengths: list[int] | None = None, passkey_depths: list[float] = DEFAULT_DEPTHS,
              passkey_per_cell: int = 4, passkey_digits: int | None = None, seed: int = 0, backend: str = "auto",
-             device: str = "cpu") -> dict[str, Any]:
+             device: str = "cpu", recall_docs: int = 256, recall: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results of `tasks` for the model at `path` (see the module docstring); writes nothing."""
     loaded = load_model(path, device=device, backend=backend)
     settings = run_settings(loaded)
@@ -173,6 +190,9 @@ def evaluate(path: str | Path, tasks: list[str], *, data: str | None = None, bat
     if "passkey" in tasks:
         results["passkey"] = passkey_task(loaded, settings, passkey_lengths, list(passkey_depths), passkey_per_cell,
                                           passkey_digits, seed)
+    if "recall" in tasks:
+        specs = settings.recall or {"mqar": default_spec(loaded.config.sliding_window)}
+        results["recall"] = recall_task(loaded, specs, recall_docs, seed, recall or {})
     results["wall_time_s"] = time.perf_counter() - t0
     return results
 
@@ -203,6 +223,8 @@ def format_results(results: dict[str, Any]) -> str:
             cells = [r["by_length_depth"][f"{n}@{float(d)}"]["exact"] for d in r["depths"]]
             lines.append(f"  | {n} ({n / r['window']:g}W) | " + " | ".join(f"{c:.2f}" for c in cells)
                          + f" | {r['by_length'][str(n)]['exact']:.2f} |")
+    if "recall" in results:
+        lines += format_recall(results["recall"])
     return "\n".join(lines)
 
 
@@ -219,6 +241,10 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
         for n, r in results["passkey"]["by_length"].items():
             out[f"eval/passkey/exact@{n}"] = r["exact"]
             out[f"eval/passkey/per_digit@{n}"] = r["per_digit"]
+    for name, r in results.get("recall", {}).get("tasks", {}).items():
+        out[f"eval/recall/{name}/accuracy"] = r["accuracy"]
+        for b in r["buckets"]:
+            out[f"eval/recall/{name}/{b['lo']}-{b['hi']}"] = b["accuracy"]
     return out
 
 
@@ -257,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                            batch_size=args.batch_size, phase=args.phase, passkey_lengths=checked["lengths"],
                            passkey_depths=checked["depths"], passkey_per_cell=args.passkey_per_cell,
                            passkey_digits=args.passkey_digits, seed=args.seed, backend=args.backend,
-                           device=args.device)
+                           device=args.device, recall_docs=args.recall_docs, recall=checked["recall"])
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

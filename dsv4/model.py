@@ -100,6 +100,12 @@ class DSV4Model(nn.Module):
             layer.attn.stats = {}
         return {key: sum(v) / len(v) for key, v in values.items()}
 
+    def indexer_picks(self) -> dict[int, torch.Tensor]:
+        """After a forward with options.keep_picks: each CSA layer's top-k picks {layer index: [B, S, k]} (-1 = no
+        entry; only layers in the sparse phase have picks)."""
+        return {i: layer.attn.picks for i, layer in enumerate(self.layers)
+                if getattr(layer.attn, "picks", None) is not None}
+
     def set_sequence_parallel(self, sp) -> None:
         """Inject a dsv4.parallel.SequenceParallel (None: one device). Each rank then feeds its own shard of
         every sequence; positions, masks and compression groups use global positions."""

@@ -81,6 +81,18 @@ def test_position_buckets_weighted_by_their_tokens_equal_the_overall_loss(tiny_r
         == RunSettings()
 
 
+def test_recall_task_runs_on_a_run_that_never_saw_recall(tiny_run, tmp_path, capsys):
+    """A text run (bundled BPE tokenizer, no recall source): recall symbols take reserved ids, MQAR answers 1-8 windows
+    back, every answer in one bucket, the CSA layers' hit rates read (the run ended in the sparse phase)."""
+    out = tmp_path / "recall.json"
+    assert evaluate_main([str(tiny_run), "--tasks", "recall", "--recall-docs", "6", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["recall"]["tasks"]["mqar"]
+    assert result["answers"] == 6 * 8 and sum(b["answers"] for b in result["buckets"]) == 6 * 8
+    assert result["spec"]["gap"] == 64 and result["spec"]["gap_max"] == 8 * 64  # the tiny model's W = 64
+    assert set(result["indexer_hit_rate"]) == {"1", "3"}  # the CSA layers of [0, 4, 32, 4]
+    assert "recall mqar (mqar, 8 items, gap 64-512" in capsys.readouterr().out
+
+
 def test_greedy_continue_decodes_greedily_in_groups_and_stops_at_eos(tiny_run):
     model = load_model(tiny_run).model
     prompts = [[5, 6, 7, 8, 9], [11, 12, 13], [21, 22, 23, 24, 25]]

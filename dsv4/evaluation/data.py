@@ -4,12 +4,13 @@ run was trained with, and the held-out documents the passkey filler comes from."
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from data_pipelines.recall import RecallSpec
 from dsv4.config import ConfigError
 from dsv4.loading import TOKENIZER, TOKENIZER_CONFIG, LoadedModel
 
@@ -31,6 +32,7 @@ class RunSettings:
     final_phase: str = "sparse"  # the CSA phase the run ended in (the trainer's validation ran in it)
     data: Any = None  # the run's DataConfig
     passkey_digits: int | None = None  # the run's passkey source's key length, if it trained on one
+    recall: dict[str, RecallSpec] = field(default_factory=dict)  # the run's recall sources (name -> settings)
 
 
 def run_settings(loaded: LoadedModel) -> RunSettings:
@@ -47,7 +49,12 @@ def run_settings(loaded: LoadedModel) -> RunSettings:
                        eval_batches=run.train.eval_batches, dp_world=_dp_world(loaded, run),
                        documents=not run.data.cross_document_attention, val_fraction=run.data.val_fraction,
                        final_phase=phase_for_step(run.train, run.train.steps - 1), data=run.data,
-                       passkey_digits=passkey[0] if passkey else None)
+                       passkey_digits=passkey[0] if passkey else None, recall=_recall_specs(run.data))
+
+
+def _recall_specs(data: Any) -> dict[str, RecallSpec]:
+    return {s.name or f"recall{i}": RecallSpec(**dataclasses.asdict(s.recall))
+            for i, s in enumerate(data.sources) if s.kind == "recall"}
 
 
 def _dp_world(loaded: LoadedModel, run: Any) -> int:
