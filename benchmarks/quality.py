@@ -63,15 +63,16 @@ class Job:
 
 # ---------------------------------------------------------------- configs and parameter counts
 
-def compose(overrides: list[str]):
-    """The composed, validated run config of train.py with these overrides (dsv4.training.config.RunConfig)."""
+def compose(overrides: list[str], experiment: str = "quality"):
+    """The composed, validated run config of train.py with conf/experiment/<experiment>.yaml and these overrides
+    (dsv4.training.config.RunConfig)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     from dsv4.training.config import resolve_config
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return resolve_config(hydra_compose("config", overrides=["+experiment=quality", *overrides]))
+        return resolve_config(hydra_compose("config", overrides=[f"+experiment={experiment}", *overrides]))
 
 
 def count_params(model_cfg) -> int:
@@ -83,10 +84,10 @@ def count_params(model_cfg) -> int:
         return sum(p.numel() for p in DSV4Model(model_cfg).parameters())
 
 
-def matched_mlp_width(variant: str, target: int, user: list[str]) -> tuple[int, int]:
+def matched_mlp_width(variant: str, target: int, user: list[str], experiment: str = "quality") -> tuple[int, int]:
     """(intermediate_size, total parameters) of `variant` with its total closest to `target`: the SwiGLU MLP has
     3 * hidden * width parameters per layer, so the width absorbs what the attention layers add or lack."""
-    cfg = compose([*user, f"attention={VARIANTS[variant]}"]).model
+    cfg = compose([*user, f"attention={VARIANTS[variant]}"], experiment).model
     base = count_params(cfg)
     per_unit = 3 * cfg.hidden_size * cfg.num_hidden_layers
     width = max(8, cfg.intermediate_size + round((target - base) / per_unit))
@@ -144,8 +145,9 @@ def choose_lr(trials: list[dict[str, Any]]) -> float:
 
 # ---------------------------------------------------------------- running (restartable)
 
-def run_training(job: Job, out: Path) -> dict[str, Any]:
-    """Train `job` unless its run finished already; returns its summary.json. An interrupted run resumes."""
+def run_training(job: Job, out: Path, experiment: str = "quality") -> dict[str, Any]:
+    """Train `job` (train.py +experiment=<experiment>) unless its run finished already; returns its summary.json.
+    An interrupted run resumes."""
     from dsv4.training.sweep import _quoted, job_command
 
     run_dir = out / "runs" / job.name
@@ -162,9 +164,9 @@ def run_training(job: Job, out: Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(asdict(job), indent=2))
     extra = [f"train.output_dir={_quoted(str(run_dir))}", "train.resume=auto",
-             f"logging.wandb.group={_quoted('quality-' + out.resolve().name)}",
+             f"logging.wandb.group={_quoted(experiment + '-' + out.resolve().name)}",
              f"logging.wandb.name={_quoted(job.name)}"]
-    cmd, env_extra = job_command("python", 1, ["+experiment=quality", *job.overrides, *extra])
+    cmd, env_extra = job_command("python", 1, [f"+experiment={experiment}", *job.overrides, *extra])
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{job.name}.log"
     print(f"  training {job.name} (log: {log})", flush=True)
@@ -347,7 +349,7 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any
 COLORS = {"v4": "tab:blue", "dense": "tab:orange", "window": "tab:green", "csa": "tab:purple", "hca": "tab:brown"}
 
 
-def _figure():
+def new_figure():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -356,7 +358,7 @@ def _figure():
     return plt.subplots(figsize=(6.4, 4.2))
 
 
-def _save(fig, ax, path: Path, legend_size: int = 8) -> None:
+def save_figure(fig, ax, path: Path, legend_size: int = 8) -> None:
     import matplotlib.pyplot as plt
 
     ax.legend(fontsize=legend_size)
@@ -367,17 +369,17 @@ def _save(fig, ax, path: Path, legend_size: int = 8) -> None:
 
 
 def plot_val_loss(runs: list[dict[str, Any]], path: Path) -> None:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for r in runs:
         steps, losses = zip(*r["val_curve"])
         ax.plot(steps, losses, color=COLORS.get(r["variant"]), linestyle=("-", "--", ":", "-.")[r["seed"] % 4],
                 marker=".", label=f"{r['variant']} seed {r['seed']}")
     ax.set(xlabel="step", ylabel="validation loss (run's mixture)", title="Validation loss")
-    _save(fig, ax, path)
+    save_figure(fig, ax, path)
 
 
 def plot_positions(rows: list[dict[str, Any]], window: int, path: Path) -> None:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for r in rows:
         centers = [(b["start"] + b["end"]) / 2 for b in r["buckets"]]
         ax.plot(centers, [b["loss"] for b in r["buckets"]], marker="o", color=COLORS.get(r["variant"]),
@@ -385,11 +387,11 @@ def plot_positions(rows: list[dict[str, Any]], window: int, path: Path) -> None:
     ax.axvline(window, color="grey", linestyle="--", label=f"W = {window}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="position in document (bucket centre)", ylabel="mean loss", title="Loss by position")
-    _save(fig, ax, path)
+    save_figure(fig, ax, path)
 
 
 def plot_passkey(rows: list[dict[str, Any]], window: int, path: Path) -> None:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     for r in rows:
         lengths = [int(n) for n in r["passkey"]]
         ax.plot(lengths, [r["passkey"][str(n)][0] for n in lengths], marker="o", color=COLORS.get(r["variant"]),
@@ -400,11 +402,11 @@ def plot_passkey(rows: list[dict[str, Any]], window: int, path: Path) -> None:
     ax.axvline(window, color="grey", linestyle="--", label=f"W = {window}")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="prompt length (tokens)", ylabel="accuracy", ylim=(-0.02, 1.02), title="Passkey retrieval")
-    _save(fig, ax, path, 7)
+    save_figure(fig, ax, path, 7)
 
 
 def plot_recall(runs: list[dict[str, Any]], train, path: Path) -> None:
-    fig, ax = _figure()
+    fig, ax = new_figure()
     dense_end = train.phases.dense_steps
     warm_end = dense_end + train.phases.indexer_warmup_steps
     ax.axvspan(0, dense_end, color="tab:grey", alpha=0.15, label="dense phase")
@@ -420,7 +422,7 @@ def plot_recall(runs: list[dict[str, Any]], train, path: Path) -> None:
             ax.plot([train.steps], [end], marker="*", markersize=10, color=COLORS.get(r["variant"]))
     ax.set(xlabel="step", ylabel="indexer recall (CSA, sparse)", ylim=(0, 1.02), xlim=(0, train.steps),
            title="Indexer recall (training; * = held-out text at the end)")
-    _save(fig, ax, path, 7)
+    save_figure(fig, ax, path, 7)
 
 
 # ---------------------------------------------------------------- the command
