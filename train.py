@@ -18,10 +18,14 @@ SWEEP_OPTIONS = ("--ranks", "--parallel", "--launcher", "--sweep-dir", "--device
 
 
 def _exit_during_startup(signum: int, frame) -> None:
-    """Ctrl-C while importing and setting up: nothing trained yet, so leave at once (no traceback)."""
+    """Ctrl-C while importing and setting up: nothing trained yet, so leave at once (no traceback). A JIT build of
+    a DeepSpeed op in progress is stopped and its lock removed: left behind, it would hang every later run."""
     if os.environ.get("RANK", "0") == "0":
         print(f"\n{signal.Signals(signum).name} during start-up: exiting; nothing was trained", file=sys.stderr,
               flush=True)
+    build_lock = sys.modules.get("dsv4.training.build_lock")  # comes with dsv4.training.distributed; no import here
+    if build_lock is not None:
+        build_lock.release_held_locks()
     os._exit(128 + signum)
 
 

@@ -11,6 +11,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from dsv4.training.build_lock import prepare_jit_builds
+
 T = TypeVar("T")
 
 
@@ -59,8 +61,24 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        # DeepSpeed JIT-builds its shm_comm op here under torch's build lock: a stale lock would hang us silently
+        prepare_jit_builds(lambda message: print(message, flush=True), announce=local_rank == 0,
+                           shm_jit=_shm_op_jit_built())
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size(), local_rank, device
+
+
+def _shm_op_jit_built() -> bool:
+    """Whether deepspeed.init_distributed JIT-builds (or, when built, loads through torch's build lock) the
+    shm_comm op: the CPU accelerator does, unless DeepSpeed was installed with it prebuilt (DS_BUILD_SHM_COMM=1)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import accelerator_name, installed_ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return False
+    return not (installed_ops.get(builder.name, False) and accelerator_name == get_accelerator()._name)
 
 
 def shutdown(exit_code: int = 0) -> None:

@@ -24,11 +24,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from dsv4.training.build_lock import release_held_locks
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 def exit_now(message: str, code: int, announce: bool, cleanup: Callable[[], None] | None = None) -> None:
-    """Leave at once, from a signal handler: one line (when `announce`), `cleanup()`, os._exit (no traceback)."""
+    """Leave at once, from a signal handler: one line (when `announce`), `cleanup()`, os._exit (no traceback). A
+    JIT build of a DeepSpeed op in progress (deepspeed.initialize builds some) is stopped and its lock removed."""
     if announce:
         print(message, file=sys.stderr, flush=True)
     if cleanup is not None:
@@ -36,6 +39,7 @@ def exit_now(message: str, code: int, announce: bool, cleanup: Callable[[], None
             cleanup()
         except Exception:  # leaving anyway
             pass
+    release_held_locks()
     sys.stdout.flush()
     os._exit(code)
 
