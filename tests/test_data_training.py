@@ -43,17 +43,17 @@ def test_train_on_jsonl_files_resumes_exactly_twice(tmp_path):
     second = run([*args, "train.resume=true"])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "at step 2" in second.stdout
-    resumed = metrics(out)[6:]
-    assert [m["step"] for m in resumed] == [3, 4, 5, 6]
-    for a, b in zip(full[2:], resumed):
+    resumed = metrics(out)  # one line per step: the resumed run replaced the lines of steps 3-6
+    assert [m["step"] for m in resumed] == list(range(1, 7)) and resumed[:2] == full[:2]
+    for a, b in zip(full[2:], resumed[2:]):
         assert a["loss"] == b["loss"], (a, b)
 
     (out / "checkpoints" / "latest").write_text("step0000004")  # written by the resumed run: resume again
     third = run([*args, "train.resume=true"])
     assert third.returncode == 0, third.stderr[-3000:]
-    again = metrics(out)[10:]
-    assert [m["step"] for m in again] == [5, 6]
-    for a, b in zip(full[4:], again):
+    again = metrics(out)
+    assert [m["step"] for m in again] == list(range(1, 7)) and again[:4] == resumed[:4]
+    for a, b in zip(full[4:], again[4:]):
         assert a["loss"] == b["loss"], (a, b)
 
 

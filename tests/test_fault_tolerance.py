@@ -102,13 +102,14 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 300) -> None:
-    """Until this run (not an earlier one into the same directory) has logged `step`."""
+    """Until this run (not an earlier one into the same directory) has logged `step`. A resumed run first drops the
+    lines logged after its checkpoint, so its own lines are those that were not in the file when it started."""
     deadline = time.time() + timeout
-    earlier = getattr(proc, "earlier_lines", None)
+    earlier = getattr(proc, "earlier_records", None)
     if earlier is None:
-        earlier = proc.earlier_lines = len(read_metrics(run_dir))  # type: ignore[attr-defined]
+        earlier = proc.earlier_records = read_metrics(run_dir)  # type: ignore[attr-defined]
     while time.time() < deadline:
-        records = read_metrics(run_dir)[earlier:]
+        records = [m for m in read_metrics(run_dir) if m not in earlier]
         if records and records[-1]["step"] >= step:
             return
         if proc.poll() is not None:
@@ -207,8 +208,8 @@ def test_kill9_sigterm_corruption_ctrl_c_resume_bit_exact(tmp_path):
     text = finish(start(torchrun(out, "train.resume=auto"), tmp_path / "run4.log"))
     last_resumed = int(text.split("train.resume=auto: resuming ")[1].split("(step ")[1].split(",")[0])
 
-    records = read_metrics(out)
-    assert {m["step"] for m in records} == set(range(1, STEPS + 1))
+    records = read_metrics(out)  # one line per step: each resume dropped the lines logged after its checkpoint
+    assert [m["step"] for m in records] == list(range(1, STEPS + 1))
     for m in records:  # every logged step, including those redone after a kill, equals the reference
         ref = reference[m["step"]]
         assert m["loss"] == ref["loss"] and m["lm_loss"] == ref["lm_loss"], (seed, m, ref)

@@ -142,3 +142,28 @@ def eta_seconds(step_times: list[float], remaining: int) -> float:
     compilation, data workers starting) is never counted: until a second step is done the ETA is unknown (NaN)."""
     steady = step_times[1:][-20:]
     return sum(steady) / len(steady) * remaining if steady else float("nan")
+
+
+def trim_metrics(path: Path, last_step: int) -> tuple[int, int]:
+    """Keep in `path` (metrics.jsonl) one line per step up to `last_step`, the step a run starts from (its resumed
+    checkpoint's, or 0), and drop the rest -> (kept, dropped). An interrupted run logged steps past its last
+    checkpoint; the resumed run trains them again, so without this they would be in the file twice. Of a step
+    logged more than once the last line is kept; a line cut by a kill -9 is dropped. Replaced atomically."""
+    if not path.is_file():
+        return 0, 0
+    lines = path.read_text().splitlines()
+    by_step: dict[int, str] = {}
+    for line in lines:
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            by_step[step] = line
+    kept = [by_step[s] for s in sorted(by_step)]
+    if kept == lines:
+        return len(kept), 0
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(kept), len(lines) - len(kept)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,7 @@ from dsv4.training.metrics import (
     eta_seconds,
     format_eta,
     peak_memory_bytes,
+    trim_metrics,
 )
 from dsv4.training.optim import (
     FiniteStepAdamW,
@@ -65,6 +67,9 @@ from dsv4.training.sequence_parallel import (
     shard_batch,
 )
 from dsv4.training.signals import StopRequest, exit_at_once_during_setup, write_pid_file
+from dsv4.training.validation import empty_validation_warning, held_out_sizes
+
+FIRST_BATCH_NOTICE_S = 10.0
 
 __all__ = ["Trainer", "train", "evaluate", "doc_positions", "lr_lambda", "param_groups", "deepspeed_config",
            "format_summary"]
@@ -75,8 +80,9 @@ def doc_positions(batch: dict[str, torch.Tensor], run: RunConfig, device: torch.
     return None if run.data.cross_document_attention else batch["positions"].to(device)
 
 
-def evaluate(engine, data, run: RunConfig, device: torch.device, sp=None) -> float:
-    """Mean validation LM loss per token over the held-out split (every rank its share)."""
+def evaluate(engine, data, run: RunConfig, device: torch.device, sp=None) -> float | None:
+    """Mean validation LM loss per token over the held-out split (every rank its share); None when the split holds
+    no token (a NaN would read as a diverged model)."""
     engine.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
@@ -87,7 +93,7 @@ def evaluate(engine, data, run: RunConfig, device: torch.device, sp=None) -> flo
             totals += torch.stack((out.lm_loss_sum.double(), out.num_tokens.double()))
     engine.train()
     dist.all_reduce(totals)
-    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else None
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -176,6 +182,7 @@ class Trainer:
         self.layout = setup_sequence_parallel(run.parallel.sequence_parallel_size, self.rank, self.world,
                                               run.train.seq_len)
         self.data = self._streaming_data()  # with the checkpoint's stream position: a mismatch stops here
+        self.validation_warning = self._check_validation()
         if self.is_main:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
             (self.run_dir / "deepspeed.json").write_text(dumps_strict(self.ds_config, indent=2))
@@ -194,6 +201,7 @@ class Trainer:
         self.last_saved = self.start_step if self.resume is not None else -1
         self.val_loss: float | None = None
         self.val_step: int | None = None
+        self.first_batch = True  # the first micro-batch may take long: _next_batch says why
 
     def _streaming_data(self):
         from data_pipelines import StreamingData, load_data_state
@@ -209,6 +217,22 @@ class Trainer:
         elif point is not None:
             load_data_state(data, point.path, self.rank)  # this rank's stream position at that checkpoint
         return data
+
+    def _check_validation(self) -> str | None:
+        """Collective: build the held-out set now (evaluation reuses it) and warn, before training, when it packs
+        into no sequence: the final evaluation would measure nothing. The run still trains and checkpoints (a tiny
+        corpus is a fine smoke test), with val_loss null -> the warning, or None."""
+        local = sum(len(b["input_ids"]) for b in self.data.val_batches(self.config.train.eval_batches))
+        total = torch.tensor([float(local)], device=self.device)
+        dist.all_reduce(total)
+        if total.item() > 0:
+            return None
+        warning = None
+        if self.is_main:
+            warning = empty_validation_warning(self.data_plan, held_out_sizes(self.data_plan, self.data.seed),
+                                               self.config.train.seq_len)
+            self.say(warning)
+        return warning or "warning: no validation data"
 
     def _build_engine(self) -> None:
         import deepspeed
@@ -292,6 +316,7 @@ class Trainer:
         stopped_by: str | None = None
         self.t_start = time.perf_counter()
         self.phase: str | None = None
+        self._trim_metrics()
         self.batches = self.data.batches()
         for step in range(self.start_step, run.train.steps):
             result = self.train_step(step)
@@ -299,7 +324,7 @@ class Trainer:
             stopped_by = self._count_bad_step(result.bad)
             if result.stop_requested and stopped_by is None:
                 stopped_by = "signal"
-            evaluated = stopped_by is None and self._evaluation_due(done)
+            evaluated = stopped_by is None and self.validation_warning is None and self._evaluation_due(done)
             if evaluated:
                 self.val_loss, self.val_step = self.evaluate(), done
             self._log_step(done, result, evaluated)
@@ -310,6 +335,39 @@ class Trainer:
             if run.train.save_interval and done % run.train.save_interval == 0 and done < run.train.steps:
                 self.save(done)
         return self.finish(stopped_by)
+
+    def _trim_metrics(self) -> None:
+        """metrics.jsonl: one line per step after any resume. Lines an interrupted run logged past the step this
+        run starts from (its checkpoint's, or 0) are dropped: those steps are trained, and logged, again."""
+        if not self.is_main:
+            return
+        kept, dropped = trim_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+        if dropped:
+            self.say(f"metrics.jsonl: kept steps 1-{self.start_step} ({kept} lines) and dropped {dropped} line(s) "
+                     f"an interrupted run logged after step {self.start_step} (trained again now)"
+                     if self.start_step else
+                     f"metrics.jsonl: dropped {dropped} line(s) of an interrupted run that left no checkpoint "
+                     "(starting over from step 0)")
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch. The first can take long (workers start, then fill data.shuffle_buffer packed
+        sequences, re-reading a small corpus once per pass over it): after FIRST_BATCH_NOTICE_S, say so."""
+        if not self.first_batch:
+            return next(self.batches)
+        self.first_batch = False
+        data = self.config.data
+        notice = threading.Timer(FIRST_BATCH_NOTICE_S, self.say, [
+            f"waiting for the first batch ({FIRST_BATCH_NOTICE_S:.0f} s so far): the data worker(s) "
+            f"(data.num_workers={data.num_workers}) start, then fill a pool of data.shuffle_buffer="
+            f"{data.shuffle_buffer} packed sequences of {self.config.train.seq_len + 1} tokens before the first "
+            "batch; a small corpus is read again for every pass over it, which makes this slow (lower "
+            "data.shuffle_buffer to start sooner)"])
+        notice.daemon = True
+        notice.start()
+        try:
+            return next(self.batches)
+        finally:
+            notice.cancel()
 
     def _set_phase(self, step: int) -> None:
         new_phase = phase_for_step(self.config.train, step)
@@ -334,7 +392,7 @@ class Trainer:
         engine.module.options.collect_stats = self.is_main and (step + 1) % run.logging.interval == 0
         for _ in range(run.train.grad_accum_steps):
             t_wait = time.perf_counter()
-            batch = next(self.batches)  # input_ids, labels, doc_ids, positions: [B, S]
+            batch = self._next_batch()  # input_ids, labels, doc_ids, positions: [B, S]
             data_wait += time.perf_counter() - t_wait
             checksum = (checksum + batch_checksum(batch["input_ids"])) % CHECKSUM_MOD
             if bad:  # the rest of a skipped step: its data is consumed (the order stays), nothing computed
@@ -422,7 +480,8 @@ class Trainer:
                      f"tok/s {record['tokens_per_s']:,.0f} | wait {record['data_wait_s'] * 1000:.0f}ms{mfu} | "
                      f"{self.phase} | eta {eta}")
         if evaluated:
-            self.say(f"step {done:>6} | val loss {self.val_loss:.4f} | ppl {_ppl(self.val_loss):.1f}")
+            self.say(f"step {done:>6} | val loss {_number(self.val_loss, '.4f')} | ppl "
+                     f"{_number(_ppl(self.val_loss), '.1f')}")
 
     def _evaluation_due(self, done: int) -> bool:
         interval = self.config.train.eval_interval
@@ -513,6 +572,8 @@ class Trainer:
         self.logger.summary(summary)
         if self.is_main:
             (self.run_dir / "summary.json").write_text(dumps_strict(summary, indent=2))
+            if self.validation_warning is not None:
+                self.say(self.validation_warning)
             self.say(format_summary(summary))
         self.logger.finish()
         return summary
