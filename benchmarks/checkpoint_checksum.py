@@ -39,12 +39,32 @@ def measure(mib: int, directory: Path, repeats: int) -> list[dict[str, float]]:
     return rows
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments (naming the flag), before a byte is written; None when nothing is."""
+    if args.mib < 1:
+        return f"--mib={args.mib}: must be >= 1"
+    if args.repeats < 1:
+        return f"--repeats={args.repeats}: must be >= 1"
+    if not args.dir.is_dir():
+        return f"--dir={args.dir}: no such directory; give an existing directory on the filesystem to measure"
+    try:
+        with tempfile.TemporaryFile(dir=args.dir):
+            pass
+    except OSError as e:
+        return f"--dir={args.dir}: cannot write there ({e.strerror}); give a writable directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="shard size in MiB (default 1024)")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()), help="where to write it")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     print(f"{HASH} checksums of a {args.mib} MiB torch.save shard in {args.dir}")
     print(f"{'GB':>6} {'save s':>8} {'save GB/s':>10} {'checksum s':>11} {'checksum GB/s':>14} {'verify s':>9} "
           f"{'checksum/save':>14}")

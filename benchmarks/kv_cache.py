@@ -32,8 +32,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dsv4.config import ModelConfig  # noqa: E402
+from dsv4.config import ConfigError, ModelConfig  # noqa: E402
 from dsv4.inference import ModelCache, forward_step  # noqa: E402
+from dsv4.inference.generate import check_device  # noqa: E402
 from dsv4.inference.memory import TERMS, gqa_bytes, mha_bytes, mla_bytes, v4_cache_terms  # noqa: E402
 from dsv4.model import DSV4Model  # noqa: E402
 
@@ -246,7 +247,35 @@ def plot(path: Path, decode: tuple[list[int], list[float], list[float]] | None) 
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 
-def main() -> int:
+def check_args(args: argparse.Namespace) -> None:
+    """Everything checkable before the tables are computed; ConfigError names the flag."""
+    for flag in ("read_off_tokens", "decode_contexts"):
+        bad = [n for n in getattr(args, flag) if n < 1]
+        if bad:
+            raise ConfigError(f"--{flag.replace('_', '-')}={bad[0]}: token counts must be >= 1")
+    for flag in ("decode_steps", "decode_layers", "fp8_error_tokens"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1")
+    if "decode" in args.tables:
+        check_device(args.device)
+    if args.fp8_error and not Path(args.fp8_error).is_dir():
+        raise ConfigError(f"--fp8-error={args.fp8_error}: no such directory; give a run, checkpoint or export "
+                          "directory")
+    if str(args.plot) != "none":
+        if args.plot.is_dir():
+            raise ConfigError(f"--plot={args.plot}: is a directory; give a .png file name (or --plot none)")
+        existed = args.plot.exists()
+        try:
+            with open(args.plot, "a"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"--plot={args.plot}: cannot write this file ({e.strerror}); give a writable path "
+                              "or --plot none") from None
+        if not existed:
+            args.plot.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tables", nargs="+", default=["formula", "read-off", "decode"],
                         choices=["formula", "read-off", "decode"])
@@ -260,7 +289,12 @@ def main() -> int:
                         help="a trained model (run / checkpoint / export dir): its fp8-cache decode error")
     parser.add_argument("--fp8-error-tokens", type=int, default=256)
     parser.add_argument("--plot", type=Path, default=PLOT, help="PNG to write ('none': no plot)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ok = True
     decode = None
     if "formula" in args.tables:

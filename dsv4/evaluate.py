@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,7 +46,9 @@ from dsv4.evaluation.decoding import greedy_continue
 from dsv4.evaluation.losses import evaluate_batches
 from dsv4.evaluation.passkey import DEFAULT_DEPTHS, DEFAULT_LENGTH_MULTIPLES, passkey_prompts, score_passkey
 from dsv4.evaluation.recall import default_spec, format_recall, recall_task
+from dsv4.inference.generate import check_device
 from dsv4.loading import LoadedModel, load_model
+from dsv4.ops.v4_attention import BACKENDS
 
 TASKS = ("ppl", "positions", "passkey", "recall")
 PHASES = ("auto", "dense", "indexer_warmup", "sparse")
@@ -136,7 +139,28 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--out={args.out}: is a directory; give a file name such as eval.json")
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise ConfigError(f"--out={args.out}: its directory does not exist")
+    if args.out:
+        _check_writable(Path(args.out), "--out")
+    checked["device"] = check_device(args.device)
+    if args.backend not in BACKENDS:
+        raise ConfigError(f"--backend={args.backend}: choose from {', '.join(BACKENDS)}")
+    if args.backend == "triton" and checked["device"].type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError(f"--backend=triton: the Triton kernels need a CUDA device (here --device "
+                          f"{checked['device']}); use --backend auto or torch, or set TRITON_INTERPRET=1")
     return checked
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    """Open `path` for append (an existing file is left as it is; a new one is removed again), so that a file that
+    cannot be written is named before the evaluation rather than after it."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag}={path}: cannot write this file ({e.strerror}); give a writable path") from None
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the tasks
@@ -283,13 +307,18 @@ def main(argv: list[str] | None = None) -> int:
                            batch_size=args.batch_size, phase=args.phase, passkey_lengths=checked["lengths"],
                            passkey_depths=checked["depths"], passkey_per_cell=args.passkey_per_cell,
                            passkey_digits=args.passkey_digits, seed=args.seed, backend=args.backend,
-                           device=args.device, recall_docs=args.recall_docs, recall=checked["recall"])
+                           device=str(checked["device"]), recall_docs=args.recall_docs, recall=checked["recall"])
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_results(results))
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        try:
+            Path(args.out).write_text(json.dumps(results, indent=2))
+        except OSError as e:  # checked before the work; this is a file that became unwritable meanwhile
+            print(f"error: --out={args.out}: cannot write this file ({e.strerror}); the results are above",
+                  file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     if args.wandb:
         print(log_to_wandb(results, args.path, args.wandb_dir))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +34,24 @@ def resolve_checkpoint(path: Path) -> tuple[Path, str]:
     if path.is_dir() and any(path.glob("*model_states.pt")):
         return path.parent, path.name
     raise ConfigError(f"{path}: not a checkpoint directory (no 'latest' and no *model_states.pt)")
+
+
+def check_out_dir(out: Path, flag: str = "--out") -> None:
+    """Refuse (ConfigError naming `flag`) an output directory that cannot be created or written, before any work:
+    a file in the way, or a first existing ancestor where a probe file cannot be made. Creates nothing."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag}={out}: is a file, not a directory; give a directory")
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag}={out}: {existing} is a file, not a directory; give a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag}={out}: cannot write in {existing} ({e.strerror}); give a writable directory"
+                          ) from None
 
 
 def checkpoint_model_config(ckpt_dir: Path, tag: str) -> ModelConfig:
@@ -77,14 +96,18 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     """Write model.safetensors + config.json for `checkpoint`; returns the output directory."""
     from safetensors.torch import save_file
 
+    if out_dir:
+        check_out_dir(Path(out_dir), "--out")
     ckpt_dir, tag = resolve_checkpoint(Path(checkpoint))
+    out = Path(out_dir) if out_dir else ckpt_dir.parent / "export" / tag
+    if not out_dir:
+        check_out_dir(out, "--out (default <run>/export/<tag>)")
     cfg = checkpoint_model_config(ckpt_dir, tag)
     state = consolidated_state_dict(ckpt_dir, tag)
     expected = {name for name, _ in DSV4Model(cfg).named_parameters()}
     missing = sorted(expected - set(state))
     if missing:
         raise ConfigError(f"{ckpt_dir / tag}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
-    out = Path(out_dir) if out_dir else ckpt_dir.parent / "export" / tag
     out.mkdir(parents=True, exist_ok=True)
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(ckpt_dir / tag)})
     (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))

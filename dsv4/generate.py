@@ -6,7 +6,8 @@
 PATH is a run directory, its checkpoints/ directory, one stepNNNNNNN/ checkpoint or a `python -m dsv4.export`
 directory (dsv4.loading.load_model); the model's own tokenizer is used. The text streams to stdout as it is
 generated; a closing line (stderr) gives the prompt tokens, prefill and decode tokens/s, and the bytes the cache
-holds next to what a dense GQA cache of the same model would hold. Greedy when --temperature is 0 (default).
+holds next to what a dense GQA cache of the same model would hold. Greedy when --temperature is 0 (default);
+--top-k and --top-p then have no effect (a warning on stderr says so).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import torch
 
 from dsv4.config import ConfigError
-from dsv4.inference.generate import PREFILL_CHUNK, check_sampling, generate
+from dsv4.inference.generate import PREFILL_CHUNK, check_device, check_sampling, generate
 from dsv4.inference.storage import CACHE_DTYPES
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -81,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
         if args.prefill_chunk < 1:
             raise ConfigError(f"--prefill-chunk={args.prefill_chunk}: must be >= 1")
-        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if args.device == "auto" else args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device={args.device}: CUDA is not available here (use --device cpu)")
+        device = check_device(args.device)
+        if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+            flags = "/".join(f for f, v in (("--top-k", args.top_k), ("--top-p", args.top_p)) if v is not None)
+            verb = "have" if "/" in flags else "has"
+            print(f"warning: {flags} {verb} no effect at --temperature 0 (greedy decoding); give --temperature > 0 "
+                  "to sample", file=sys.stderr)
         dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         from dsv4.loading import load_model
 

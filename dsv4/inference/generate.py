@@ -14,6 +14,7 @@ after `max_new_tokens`; the batch stops when every sequence has.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -74,12 +75,33 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = N
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
     if max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens={max_new_tokens}: must be >= 0")
+    if not math.isfinite(temperature):
+        raise ConfigError(f"--temperature={temperature}: must be a finite number >= 0 (0 = greedy)")
     if temperature < 0:
         raise ConfigError(f"--temperature={temperature}: must be >= 0 (0 = greedy)")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k={top_k}: must be >= 1")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"--top-p={top_p}: must be in (0, 1]")
+
+
+def check_device(text: str, flag: str = "--device") -> torch.device:
+    """The torch.device a --device value names, checked before any work: 'auto' (cuda when available, else cpu),
+    cpu, or cuda[:N] on a machine with that GPU; ConfigError naming the flag otherwise."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{flag}={text}: not a device; use cpu or cuda[:N]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag}={text}: unsupported device type {device.type!r}; use cpu or cuda[:N]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag}={text}: CUDA is not available here (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag}={text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 @torch.no_grad()  # (not inference_mode: a cache must stay usable outside it)
