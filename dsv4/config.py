@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,33 @@ DENSE = -1
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the key and what to do."""
+
+
+def as_int(value: Any, key: str) -> int:
+    """An integer config value: an int, or a float with no fractional part (8.0 -> 8); else a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            not isinstance(value, numbers.Integral) and not float(value).is_integer()):
+        raise ConfigError(f"{key}={value!r}: must be an integer")
+    return int(value)
+
+
+def ratio_list(values: Any, key: str) -> list[int]:
+    """compress_ratios as a list of ints, or a ConfigError naming the entry."""
+    if not isinstance(values, (list, tuple)):
+        raise ConfigError(f"{key}={values!r}: must be a list with one integer per layer, e.g. [0, 4, 128, 4]")
+    return [as_int(r, f"{key}[{i}]") for i, r in enumerate(values)]
+
+
+def _check_types(obj: Any, prefix: str = "") -> None:
+    """Int, float and bool fields hold what they say (integral floats become ints); else a ConfigError."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), prefix + f.name
+        if f.type in ("int", "int | None") and value is not None:
+            setattr(obj, f.name, as_int(value, key))
+        elif f.type == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ConfigError(f"{key}={value!r}: must be a number")
+        elif f.type == "bool" and not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: must be true or false")
 
 
 @dataclass
@@ -65,7 +93,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
-        self.compress_ratios = [int(r) for r in self.compress_ratios]
+        _check_types(self)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling={self.rope_scaling!r}: use a mapping of YaRN settings or null")
+        if self.rope_scaling is not None:
+            _check_types(self.rope_scaling, "rope_scaling.")
+        self.compress_ratios = ratio_list(self.compress_ratios, "compress_ratios")
         self.validate()
 
     @classmethod

@@ -17,7 +17,7 @@ from data_pipelines.config import (  # noqa: F401 (importable here with the run'
     typed,
 )
 from data_pipelines.packed import DataError
-from dsv4.config import CSA_RATIO, DENSE, WINDOW, ConfigError, ModelConfig
+from dsv4.config import CSA_RATIO, DENSE, WINDOW, ConfigError, ModelConfig, as_int, ratio_list
 
 LAYOUTS = ("window", "csa", "hca", "dense", "v4_flash", "v4_pro")
 
@@ -111,10 +111,10 @@ def _typed(schema: type, node: Any, prefix: str):
 
 def apply_layout(model: dict[str, Any], attention: AttentionConfig) -> list[int]:
     """The per-layer compress_ratios a named attention layout produces for this model."""
-    ratios = [int(r) for r in model.get("compress_ratios", [])]
+    ratios = ratio_list(model.get("compress_ratios", []), "model.compress_ratios")
     if attention.layout is None:
         return ratios
-    n = int(model["num_hidden_layers"])
+    n = as_int(model["num_hidden_layers"], "model.num_hidden_layers")
     hca = attention.hca_ratio or next((r for r in ratios if r > CSA_RATIO), 128)
     layout = attention.layout
     if layout == "window":
@@ -180,6 +180,9 @@ def _check(run: RunConfig) -> None:
     for key in ("steps", "seq_len", "micro_batch_size", "grad_accum_steps", "eval_batches"):
         need(getattr(t, key) >= 1, f"train.{key}", getattr(t, key), "must be >= 1")
     need(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    need(t.seed >= 0, "train.seed", t.seed, "must be >= 0 (NumPy and the data workers seed with it)")
+    need(run.data.seed is None or run.data.seed >= 0, "data.seed", run.data.seed,
+         "must be >= 0, or null to use train.seed")
     need(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
     need(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
     need(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
@@ -222,9 +225,41 @@ def _check_deepspeed_extra(extra: dict[str, Any], need) -> None:
              "choose 0, 1, 2 or 3 (or set deepspeed.zero_stage)")
 
 
+# AdamW moves each weight by about lr per step whatever the gradient's size: above this, one step is several times
+# the init scale (model.initializer_range 0.02) and training diverges (train.lr=10 took the tiny model's loss from
+# 8.3 to 6871); the project's defaults and sweeps use 1e-3 to 3e-3.
+MAX_SENSIBLE_LR = 0.1
+
+
 def config_warnings(run: RunConfig) -> list[str]:
     """Settings that are valid but probably not what was meant, said before training."""
+    return _schedule_warnings(run) + _attention_warnings(run)
+
+
+def _attention_warnings(run: RunConfig) -> list[str]:
+    """Model settings that do nothing, or silently change what a layer does, at train.seq_len."""
+    m, seq_len, warnings = run.model, run.train.seq_len, []
+    entries = seq_len // CSA_RATIO
+    if CSA_RATIO in m.compress_ratios and m.index_topk > entries:
+        warnings.append(f"warning: model.index_topk={m.index_topk} > {entries}, the compressed entries a sequence of "
+                        f"train.seq_len={seq_len} tokens has (seq_len // 4): CSA attends to every entry (dense), "
+                        f"not a top-k; lower model.index_topk or raise train.seq_len")
+    if DENSE not in m.compress_ratios and m.num_key_value_heads != 1:
+        warnings.append(f"warning: model.num_key_value_heads={m.num_key_value_heads} has no effect: no layer is dense "
+                        "(compress_ratios entry -1); it sizes only the dense baseline's GQA")
+    for i, r in enumerate(m.compress_ratios):
+        if r > seq_len:
+            warnings.append(f"warning: layer {i} ({'CSA' if r == CSA_RATIO else 'HCA'}) has compression ratio {r} > "
+                            f"train.seq_len={seq_len}: it never emits a compressed entry and attends only to its "
+                            "sliding window; raise train.seq_len or lower the ratio")
+    return warnings
+
+
+def _schedule_warnings(run: RunConfig) -> list[str]:
     t, warnings = run.train, []
+    if t.lr > MAX_SENSIBLE_LR:
+        warnings.append(f"warning: train.lr={t.lr:g} > {MAX_SENSIBLE_LR:g}: AdamW moves each weight by about lr per "
+                        "step, so training will almost certainly diverge; typical values are 1e-4 to 1e-2")
     if t.warmup_steps >= t.steps:
         warnings.append(f"warning: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the LR never reaches "
                         f"its peak (train.lr={t.lr:g}) and never decays; lower train.warmup_steps")
