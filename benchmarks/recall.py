@@ -4,6 +4,7 @@
     python benchmarks/recall.py outputs/recall                  # the default study (see benchmarks/RESULTS.md)
     python benchmarks/recall.py outputs/recall --variants v4,dense,window --seeds 3
     python benchmarks/recall.py outputs/recall-long --scale 2    # twice the steps (schedule and phases alike)
+    python benchmarks/recall.py outputs/recall --parallel 2      # two runs at once, a core each
     python benchmarks/recall.py outputs/toy --toy                # a few steps per variant (smoke test)
 
 Every variant trains on the same mixture of recall tasks (conf/experiment/recall.yaml: copy, MQAR and passkey
@@ -30,8 +31,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -50,9 +53,7 @@ from quality import (  # noqa: E402  (a sibling script: benchmarks/ is on the pa
     git_commit,
     matched_mlp_width,
     mean_spread,
-    new_figure,
     run_training,
-    save_figure,
     scaled,
     trial_jobs,
 )
@@ -66,7 +67,17 @@ TOY = ["train.steps=4", "train.micro_batch_size=2", "train.warmup_steps=1", "tra
 TOY_EVAL_DOCS = 4
 
 
-# ---------------------------------------------------------------- evaluation of every checkpoint (cached)
+# ---------------------------------------------------------------- training and evaluating every checkpoint
+
+def train_all(jobs: list, out: Path, parallel: int) -> list[dict[str, Any]]:
+    """Every job's summary, training `parallel` runs at once (each run's torch on cores / parallel threads)."""
+    if parallel == 1:
+        return [run_training(job, out, EXPERIMENT) for job in jobs]
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))  # the runs inherit it
+    with ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(lambda job: run_training(job, out, EXPERIMENT), jobs))
+
+
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of the run's published checkpoints, oldest first."""
@@ -180,7 +191,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any
             "", f"`{settings['command']}`", "",
             f"{settings['tokens']:,} training tokens per run (a mixture of {', '.join(settings['tasks'])}; loss on the "
             f"answers), W = {settings['window']}, {settings['seeds']} seed(s) per variant, LR by "
-            f"{settings['lr_procedure']}; wall time {settings['wall_time_s'] / 60:.0f} min. Accuracy of the greedy "
+            f"{settings['lr_procedure']}; wall time {settings['wall_time_s'] / 60:.0f} min ({settings['parallel']} "
+            "training run(s) at a time). Accuracy of the greedy "
             f"answer on {settings['eval_docs']} held-out documents per task, by distance from the query to the token "
             "it recalls (in windows); 'beyond reach': farther than the stacked windows reach (layers x (W - 1)); "
             "indexer hits: CSA top-k holding an entry that pooled the source (random top-k in brackets). "
@@ -242,27 +254,35 @@ def _beyond_or_all(task: dict[str, Any]) -> float:
 
 
 def plot_hits(runs: list[dict[str, Any]], train, path: Path) -> None:
-    fig, ax = new_figure()
+    """One panel per task: each CSA variant's hit rate (mean over seeds and CSA layers) by checkpoint, the rate of
+    random top-k picks, and the CSA phases shaded."""
+    import matplotlib.pyplot as plt
+
+    with_hits = [r for r in runs if any(p["hits"] for p in r["points"])]
+    tasks = list(runs[0]["points"][-1]["recall"]["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
     dense_end = train.phases.dense_steps
     warm_end = dense_end + train.phases.indexer_warmup_steps
-    ax.axvspan(0, dense_end, color="tab:grey", alpha=0.15, label="dense phase")
-    ax.axvspan(dense_end, warm_end, color="tab:olive", alpha=0.15, label="indexer warm-up")
-    ax.axvspan(warm_end, train.steps, color="tab:cyan", alpha=0.10, label="sparse phase")
-    drawn_chance = False
-    for r in runs:
-        pts = [(p["step"], p["hits"]) for p in r["points"] if p["hits"]]
-        if not pts:
-            continue
-        for i, name in enumerate(pts[0][1]):
-            ax.plot([s for s, _ in pts], [h[name]["hit_rate"] for _, h in pts], color=COLORS.get(r["variant"]),
-                    linestyle=("-", "--", ":", "-.")[i % 4], marker=".", label=f"{r['variant']} s{r['seed']} {name}")
-            if not drawn_chance:
-                ax.plot([s for s, _ in pts], [h[name]["chance"] for _, h in pts], color="grey", linestyle=":",
-                        label="random top-k")
-                drawn_chance = True
-    ax.set(xlabel="step", ylabel="hit rate (CSA layers' mean)", ylim=(0, 1.02), xlim=(0, train.steps),
-           title="Indexer: top-k holds the answer's source entry")
-    save_figure(fig, ax, path, 6)
+    for ax, name in zip(axes[0], tasks):
+        ax.axvspan(0, dense_end, color="tab:grey", alpha=0.15, label="dense phase")
+        ax.axvspan(dense_end, warm_end, color="tab:olive", alpha=0.15, label="indexer warm-up")
+        ax.axvspan(warm_end, train.steps, color="tab:cyan", alpha=0.10, label="sparse phase")
+        for variant in dict.fromkeys(r["variant"] for r in with_hits):
+            mine = [r for r in with_hits if r["variant"] == variant]
+            steps = [p["step"] for p in mine[0]["points"] if p["hits"]]
+            rates = [[p["hits"][name] for p in r["points"] if p["hits"]] for r in mine]
+            ax.plot(steps, [sum(h[i]["hit_rate"] for h in rates) / len(rates) for i in range(len(steps))],
+                    marker="o", color=COLORS.get(variant), label=variant)
+            ax.plot(steps, [sum(h[i]["chance"] for h in rates) / len(rates) for i in range(len(steps))],
+                    linestyle="--", color=COLORS.get(variant), alpha=0.5, label=f"{variant}: random top-k")
+        ax.set(title=name, xlabel="step", ylabel="indexer hit rate", ylim=(0, 1.02), xlim=(0, train.steps))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("CSA indexer: top-k holds an entry that pooled the answer's source (mean over seeds and layers)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- the command
@@ -279,6 +299,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                                                               "x this")
     p.add_argument("--trial-fraction", type=float, default=0.25, help="length of an LR trial, share of the steps")
     p.add_argument("--eval-docs", type=int, default=128, help="held-out documents per task and checkpoint")
+    p.add_argument("--parallel", type=int, default=1, help="training runs at once (each with cores / N threads)")
     p.add_argument("--toy", action="store_true", help="a few steps at tiny sizes (a smoke test, not a result)")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
@@ -299,8 +320,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--lrs={args.lrs}: give comma-separated numbers")
     if not args.lrs or min(args.lrs) <= 0:
         p.error("--lrs: give positive learning rates")
-    if args.seeds < 1 or args.eval_docs < 1:
-        p.error("--seeds and --eval-docs must be >= 1")
+    if args.seeds < 1 or args.eval_docs < 1 or args.parallel < 1:
+        p.error("--seeds, --eval-docs and --parallel must be >= 1")
     if args.scale <= 0 or not 0 < args.trial_fraction <= 1:
         p.error("--scale must be > 0 and --trial-fraction in (0, 1]")
     if args.toy:
@@ -339,16 +360,18 @@ def main(argv: list[str] | None = None) -> int:
         if results:
             print(f"{variant}: LR trials " + ", ".join(f"{r['lr']:g} -> {r['val_loss']:.4f}" for r in results)
                   + f"; chosen {chosen[variant]:g}", flush=True)
+    # seed-major: an interrupted study has every variant at its first seeds
+    jobs = [final_jobs(variant, chosen[variant], seed + 1, widths[variant], user)[seed]
+            for seed in range(args.seeds) for variant in args.variants]
+    summaries = train_all(jobs, out, args.parallel)
     runs = []
-    for seed in range(args.seeds):  # seed-major: an interrupted study has every variant at its first seeds
-        for variant in args.variants:
-            job = final_jobs(variant, chosen[variant], seed + 1, widths[variant], user)[seed]
-            summary = run_training(job, out, EXPERIMENT)
-            print(f"  evaluating {job.name}", flush=True)
-            points = evaluate_run(job, out, train, args.eval_docs)
-            runs.append({"job": job.name, "variant": variant, "seed": seed, "lr": job.lr, "params": params[variant],
-                         "steps": train.steps, "tokens": tokens, "tokens_per_s": summary["tokens_per_s"],
-                         "wall_time_s": summary["wall_time_s"], "points": points})
+    for job, summary in zip(jobs, summaries):
+        print(f"  evaluating {job.name}", flush=True)
+        points = evaluate_run(job, out, train, args.eval_docs)
+        runs.append({"job": job.name, "variant": job.variant, "seed": job.seed, "lr": job.lr,
+                     "params": params[job.variant], "steps": train.steps, "tokens": tokens,
+                     "tokens_per_s": summary["tokens_per_s"], "wall_time_s": summary["wall_time_s"],
+                     "points": points})
     rows = summarise(runs, args.variants)
     first_run_tasks = runs[0]["points"][-1]["recall"]["tasks"]
     settings = {"date": datetime.date.today().isoformat(), "commit": git_commit(),
@@ -358,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
                 "task_specs": {n: t["spec"] for n, t in first_run_tasks.items()},
                 "lr_procedure": (f"the lowest final validation loss of a {args.trial_fraction:g}-length trial run "
                                  "(seed 0) per LR" if len(args.lrs) > 1 else f"fixing it ({args.lrs[0]:g})"),
-                "chosen_lr": chosen, "trials": [asdict(t) for t in trials], "wall_time_s": time.time() - started}
+                "chosen_lr": chosen, "trials": [asdict(t) for t in trials], "wall_time_s": time.time() - started,
+                "parallel": args.parallel}
     write_report(out, rows, runs, settings)
     plot_by_distance(rows, out / "recall_by_distance.png")
     plot_vs_tokens(runs, out / "recall_vs_tokens.png")
