@@ -78,6 +78,8 @@ ABLATIONS = [
     Ablation("pro_like", (32, 32, 4, 32), "V4-Pro's order: HCA layers first, no window-only layer"),
     Ablation("v4_preset_csa_first", (4, 0, 32, 4), "the preset with its first two layers swapped"),
     Ablation("dense4", (-1, -1, -1, -1), "four dense layers"),
+    Ablation("window_csa_long", (0, 4), "as window_csa, 2,000 steps", steps=2000),
+    Ablation("v4_preset_long", (0, 4, 32, 4), "the preset, 2,000 steps", steps=2000),
 ]
 MODEL = dict(vocab_size=160, hidden_size=128, intermediate_size=384, num_attention_heads=4, head_dim=64,
              qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=16, index_n_heads=4,
