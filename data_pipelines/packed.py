@@ -20,6 +20,8 @@ Also here: the bundled corpus format (documents separated by `<|doc|>` lines) an
 from __future__ import annotations
 
 import gzip
+import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,9 @@ def read_documents(path: Path, key: str = "data.path") -> list[str]:
                         f"data.sources.0.path='{path}/*.jsonl' (or *.parquet, *.txt)")
     if not path.is_file():
         raise DataError(f"{key}: file not found: {path}")
+    kind = next((k for ext, k in _NOT_BUNDLED.items() if path.name.lower().endswith(ext)), None)
+    if kind is not None:
+        raise _not_bundled(path, key, kind)
     try:
         if path.suffix == ".gz":
             with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -53,6 +58,8 @@ def read_documents(path: Path, key: str = "data.path") -> list[str]:
             text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"{key}: cannot read {path}: {e}") from None
+    if _looks_like_json_lines(text):
+        raise _not_bundled(path, key, "JSON lines")
     docs: list[str] = []
     current: list[str] = []
     for line in text.splitlines():
@@ -66,6 +73,39 @@ def read_documents(path: Path, key: str = "data.path") -> list[str]:
     if not docs:
         raise DataError(f"{key}: {path} holds no text")
     return docs
+
+
+_NOT_BUNDLED = {ext: kind for kind, exts in {"JSON lines": (".jsonl", ".jsonl.gz", ".ndjson"),
+                                             "JSON": (".json", ".json.gz"), "parquet": (".parquet",)}.items()
+                for ext in exts}
+
+
+def _looks_like_json_lines(text: str) -> bool:
+    """The first (up to 3) non-empty lines are each a JSON object: a JSON-lines file, whatever its name."""
+    head = []
+    for line in io.StringIO(text):  # lazily: a corpus can be large
+        if line.strip():
+            head.append(line.strip())
+            if len(head) == 3:
+                break
+    if not head or not all(line.startswith("{") and line.endswith("}") for line in head):
+        return False
+    try:
+        return all(isinstance(json.loads(line), dict) for line in head)
+    except json.JSONDecodeError:
+        return False
+
+
+def _not_bundled(path: Path, key: str, kind: str) -> DataError:
+    """A JSON / parquet file given where a <|doc|>-separated text file belongs: its raw JSON would be the text."""
+    if key == "data.path":
+        how = (f"read it as a files source instead: python train.py data=jsonl_example "
+               f"data.sources.0.path='{path}' (data.sources.0.text_field names the field holding the text; "
+               "drop data.path)")
+    else:
+        how = f"make it a files source ({key.rsplit('.', 1)[0]}.kind=files, with text_field naming the text field)"
+    return DataError(f"{key}={path}: a {kind} file, but {key} takes one text file whose documents are separated by "
+                     f"lines holding {DOC_SEPARATOR} (its raw {kind} would be trained on as text); {how}")
 
 
 def split_every_nth(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:

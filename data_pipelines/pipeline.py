@@ -26,7 +26,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
 import signal
+import sys
+import threading
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +48,7 @@ from data_pipelines.tokenizer import RECALL_TOKENIZER, TokenizerSpec, eos_id_of,
 STATE_VERSION = 1
 FINGERPRINT_KEYS = {"seq_len": "train.seq_len", "micro_batch": "train.micro_batch_size", "seed": "data.seed",
                     "dp_world": "the number of data-parallel ranks", "lanes": "data.num_workers",
+                    "num_workers": "data.num_workers",
                     "sources": "data.sources", "tokenizer": "data.tokenizer", "val_fraction": "data.val_fraction",
                     "on_bad_row": "data.on_bad_row", "shuffle_buffer": "data.shuffle_buffer",
                     "shuffle_files": "data.shuffle_files", "mix_by": "data.mix_by"}
@@ -67,6 +71,7 @@ class DataPlan:
     seed: int | None
     shuffle_files: bool = True  # train: each source's files in a new seeded order every epoch
     mix_by: str = "documents"  # what the sources' weights proportion: documents | tokens
+    warnings: tuple[str, ...] = ()  # printed by prepare_data (rank 0): trains, but likely not as meant
 
     def describe(self) -> str:
         if len(self.sources) == 1:
@@ -76,8 +81,14 @@ class DataPlan:
 
 
 def prepare_data(data: Any) -> DataPlan:
-    """Check a DataConfig (dsv4.training.config) before training: sources, tokenizer, EOS. Raises DataError."""
-    sources = tuple(resolve_sources(data))
+    """Check a DataConfig (dsv4.training.config) before training: sources, tokenizer, EOS. Raises DataError.
+    Warnings (a data.path file holding one document) are printed here, once (rank 0; it runs before the process
+    group), and kept in the plan."""
+    warnings: list[str] = []
+    sources = tuple(resolve_sources(data, warnings.append))
+    if os.environ.get("RANK", "0") == "0":
+        for warning in warnings:
+            print(warning, flush=True)
     spec = TokenizerSpec(data.tokenizer, data.eos_token)
     if spec.value == RECALL_TOKENIZER:
         for source in sources:
@@ -93,7 +104,7 @@ def prepare_data(data: Any) -> DataPlan:
                     prefetch_factor=int(data.prefetch_factor), worker_start=str(data.worker_start),
                     shuffle_buffer=int(data.shuffle_buffer),
                     cross_document_attention=bool(data.cross_document_attention), seed=data.seed,
-                    shuffle_files=bool(data.shuffle_files), mix_by=str(data.mix_by))
+                    shuffle_files=bool(data.shuffle_files), mix_by=str(data.mix_by), warnings=tuple(warnings))
 
 
 class LanePipeline:
@@ -181,6 +192,7 @@ class _LaneDataset(torch.utils.data.IterableDataset):
                  lane_states: list[dict | None], first_lane: int) -> None:
         self.plan, self.seq_len, self.micro_batch, self.seed = plan, seq_len, micro_batch, seed
         self.dp_rank, self.dp_world, self.lane_states, self.first_lane = dp_rank, dp_world, lane_states, first_lane
+        self.trainer_pid = os.getpid()  # made in the training process: its workers die with it
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
@@ -189,6 +201,7 @@ class _LaneDataset(torch.utils.data.IterableDataset):
             # SIGTERM to the whole process tree, must not kill them while the trainer finishes its step
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            _exit_with(self.trainer_pid)
         lanes = len(self.lane_states)
         local = (self.first_lane + (info.id if info is not None else 0)) % lanes
         try:
@@ -202,6 +215,43 @@ class _LaneDataset(torch.utils.data.IterableDataset):
         except Exception as e:  # DataError or anything unexpected: report it, do not print a worker traceback
             msg = str(e) if isinstance(e, DataError) else f"{type(e).__name__}: {e}"
             yield {"_lane": local, "_error": msg}
+
+
+def _exit_with(trainer_pid: int) -> None:
+    """Make this data worker exit as soon as the training process is gone, however it died (kill -9, a second
+    Ctrl-C). The worker ignores SIGINT and SIGTERM, and the DataLoader's own watchdog watches the worker's parent,
+    which under forkserver is the forkserver, not the trainer; the forkserver in turn only exits when every holder of
+    its "alive" pipe is gone, and the workers hold it: without this both survive the trainer as orphans. Once the
+    workers exit, the forkserver sees the pipe close and exits too."""
+    if sys.platform.startswith("linux") and os.getppid() == trainer_pid:  # fork / spawn: the kernel does it
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    try:
+        pidfd = os.pidfd_open(trainer_pid)  # readable when the process ends; immune to pid reuse
+    except ProcessLookupError:
+        os._exit(1)  # the trainer died before this worker started
+    except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+        pidfd = None
+
+    def watch() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(trainer_pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 _OPEN_STREAMS: weakref.WeakSet[StreamingData] = weakref.WeakSet()
@@ -293,7 +343,10 @@ class StreamingData:
 
     def _fingerprint(self) -> dict[str, Any]:
         return {"seq_len": self.seq_len, "micro_batch": self.micro_batch, "seed": self.seed,
-                "dp_world": self.dp_world, "lanes": self.lanes, "val_fraction": self.plan.val_fraction,
+                # num_workers itself, not only the lanes (max(1, num_workers)): 0 and 1 make one lane each, and a
+                # change between them resumed silently although the README promises a stop naming the key
+                "dp_world": self.dp_world, "num_workers": self.plan.num_workers, "lanes": self.lanes,
+                "val_fraction": self.plan.val_fraction,
                 "on_bad_row": self.plan.on_bad_row, "shuffle_buffer": self.plan.shuffle_buffer,
                 "shuffle_files": self.plan.shuffle_files, "mix_by": self.plan.mix_by,
                 "tokenizer": self.plan.tokenizer.label,

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipelines.config import recall_spec
-from data_pipelines.packed import BUNDLED_CORPUS, DataError, read_documents, split_every_nth
+from data_pipelines.packed import BUNDLED_CORPUS, DOC_SEPARATOR, DataError, read_documents, split_every_nth
 from data_pipelines.passkey import PasskeySpec, PasskeyStream
 from data_pipelines.recall import RecallSpec, RecallStream
 
@@ -88,12 +88,15 @@ class SourceSpec:
 
 # ---------------------------------------------------------------- resolving and checking (before training)
 
-def resolve_sources(data: Any) -> list[SourceSpec]:
+def resolve_sources(data: Any, warn=None) -> list[SourceSpec]:
     """Check every source of a DataConfig before training: files exist and open, formats are known, Hub
-    datasets resolve. Raises DataError naming the key and file."""
+    datasets resolve. Raises DataError naming the key and file; `warn(message)` gets what trains but likely not as
+    meant (a data.path file that holds one document)."""
     if not data.sources:
         path = Path(data.path) if data.path else BUNDLED_CORPUS
-        read_documents(path, "data.path")  # raises, naming data.path, if missing or unreadable
+        docs = read_documents(path, "data.path")  # raises, naming data.path, if missing or unreadable
+        if len(docs) == 1 and warn is not None:
+            warn(one_document_warning(path, "data.path"))
         return [SourceSpec(0, "data.path", "bundled", "bundled", "bundled", files=(str(path),))]
     specs = []
     for i, src in enumerate(data.sources):
@@ -139,6 +142,14 @@ def resolve_sources(data: Any) -> list[SourceSpec]:
             open_dataset(spec, "train")  # resolves the dataset's files now: offline or unknown names stop here
             specs.append(spec)
     return specs
+
+
+def one_document_warning(path: Path, key: str) -> str:
+    return (f"warning: {key}={path} holds one document: it has no line holding exactly {DOC_SEPARATOR}, so it "
+            "trains as one long document and nothing of it can be held out for validation (no validation loss). "
+            f"Put a line holding only {DOC_SEPARATOR} between documents, or read it as plain text split at blank "
+            f"lines: data=jsonl_example data.sources.0.path='{path}' data.sources.0.sample_by=paragraph (drop "
+            f"{key})")
 
 
 def expand_globs(value: Any, key: str) -> tuple[str, ...]:
