@@ -48,7 +48,7 @@ def main() -> None:
         # Hydra's multirun would run every job in this process; each job is a distributed run of its own instead
         from dsv4.training.sweep import main as sweep_main
 
-        sys.exit(sweep_main(args))
+        sys.exit(sweep_main(args, prog="train.py -m"))
     if kind == "error":
         print(f"error: {args}", file=sys.stderr)
         sys.exit(2)

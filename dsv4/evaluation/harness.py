@@ -12,7 +12,8 @@ CLI runs (it reads no plugin entry points). In Python, `import dsv4.evaluation.h
 model_args: path (a run, checkpoint or export directory, loaded by dsv4.loading.load_model), max_length (default:
 the run's train.seq_len, else 2048; longer inputs keep their last tokens), device (cpu / cuda), dtype (float32 /
 bfloat16), backend (the attention backend), phase (CSA phase; default sparse). lm-eval's default device is cuda;
-without a GPU the backend says so and runs on the CPU.
+without a GPU the backend says so and runs on the CPU. Any other model_arg, or a bad value (max_length=-1), is refused
+before the model is read: a ConfigError naming it (`python -m dsv4.evaluation.harness`: one line, exit code 2).
 
 Requests: loglikelihood (sum of the continuation's log-probabilities, and whether greedy decoding would produce it),
 loglikelihood_rolling (the whole text in disjoint windows of max_length, each with as much preceding context as
@@ -22,6 +23,7 @@ cut at the first stop string or EOS; sampling is not supported).
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
 
@@ -31,24 +33,53 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from dsv4.attention import PHASES
 from dsv4.config import ConfigError
 from dsv4.evaluation.decoding import greedy_continue
 from dsv4.loading import load_model
+from dsv4.ops.v4_attention import BACKENDS
 
 DEFAULT_MAX_LENGTH = 2048
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+MODEL_ARGS = ("path", "max_length", "device", "dtype", "backend", "phase")
+HARNESS_ARGS = ("batch_size", "max_batch_size")  # lm-eval passes these to every model; requests go one at a time
+
+
+def check_model_args(max_length: Any, device: Any, dtype: Any, backend: Any, phase: Any, unknown: dict[str, Any]
+                     ) -> int | None:
+    """Refuse an unknown model_arg or a bad value, naming it, before anything is loaded; -> max_length as an int."""
+    extra = sorted(set(unknown) - set(HARNESS_ARGS))
+    if extra:
+        raise ConfigError(f"--model_args {extra[0]}={unknown[extra[0]]}: unknown model_arg (choose from "
+                          f"{', '.join(MODEL_ARGS)})")
+    if max_length is not None:
+        try:
+            number = int(str(max_length))
+        except ValueError:
+            number = 0
+        if isinstance(max_length, bool) or number < 1:
+            raise ConfigError(f"--model_args max_length={max_length}: must be a whole number >= 1")
+        max_length = number
+    if str(dtype) not in DTYPES:
+        raise ConfigError(f"--model_args dtype={dtype}: choose from {', '.join(DTYPES)}")
+    if str(backend) not in BACKENDS:
+        raise ConfigError(f"--model_args backend={backend}: choose from {', '.join(BACKENDS)}")
+    if str(phase) not in PHASES:
+        raise ConfigError(f"--model_args phase={phase}: choose from {', '.join(PHASES)}")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"--model_args device={device}: choose cpu, cuda or cuda:N")
+    return max_length
 
 
 @register_model("dsv4")
 class DSV4LM(LM):
     def __init__(self, path: str | None = None, max_length: int | None = None, device: str = "cpu",
                  dtype: str = "float32", backend: str = "auto", phase: str = "sparse", batch_size: Any = 1,
-                 **unused: Any) -> None:
+                 **unknown: Any) -> None:
         super().__init__()
+        max_length = check_model_args(max_length, device, dtype, backend, phase, unknown)
         if path is None:
             raise ConfigError("--model_args: give path=RUN_DIR (a run, checkpoint or export directory)")
-        if str(dtype) not in DTYPES:
-            raise ConfigError(f"--model_args dtype={dtype}: choose from {', '.join(DTYPES)}")
         if str(device).startswith("cuda") and not torch.cuda.is_available():  # lm-eval's default device is cuda
             print(f"dsv4 backend: device {device} is not available here; running on cpu", file=sys.stderr)
             device = "cpu"

@@ -24,6 +24,11 @@ stop the sweep; the driver exits 1 if any failed.
 side by side); each job's output then goes to `<sweep dir>/<n>.log`. `--job K` runs job K alone, for a scheduler
 that starts one task per job (launch/sweep_array.sbatch): every task expands the same list, so K names the same
 job everywhere, and the W&B group is taken from the sweep directory, which the tasks share.
+
+Before any job runs (and in `--dry-run`, which prints the jobs and their commands and writes nothing), every
+override is parsed, every job's config is composed and checked as train.py checks it (resolve_config), and the sweep
+directory is created and written to: a mistake stops the driver with one line naming the override, key or
+directory (and the job), exit code 2.
 """
 
 from __future__ import annotations
@@ -60,11 +65,38 @@ def load_sweep_config(name: str) -> dict[str, Any]:
             "overrides": list(data.get("overrides") or [])}
 
 
-def expand(overrides: list[str]) -> list[list[str]]:
-    """The jobs of a list of Hydra overrides: the cartesian product of every sweep override's values."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+class SweepError(ValueError):
+    """A mistake on the sweep's command line or in its jobs' configs: one line, exit code 2."""
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+
+def _one_line(error: BaseException) -> str:
+    """The first line of an error's message, and of its cause's (Hydra puts the reason there)."""
+    def first(e: BaseException) -> str:
+        return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+    text = first(error)
+    cause = error.__cause__
+    if cause is not None and first(cause) not in text:
+        text += f" ({first(cause)})"
+    return text
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The jobs of a list of Hydra overrides: the cartesian product of every sweep override's values. An override
+    Hydra cannot parse raises SweepError naming it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:  # one at a time, so the message names the bad one
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as e:
+            reason = next((line for line in e.message.splitlines()
+                           if line.strip() and not line.startswith(("Error parsing override", "See https"))), "")
+            raise SweepError(f"{override}: not a valid Hydra override ({reason.strip() or 'parse error'}; "
+                             "see https://hydra.cc/docs/advanced/override_grammar/basic)") from None
+    parsed = parser.parse_overrides(overrides)
     choices: list[list[str]] = []
     for override in parsed:
         if override.is_sweep_override():
@@ -73,6 +105,37 @@ def expand(overrides: list[str]) -> list[list[str]]:
         else:
             choices.append([override.input_line])
     return [list(job) for job in itertools.product(*choices)]
+
+
+def check_jobs(jobs: list[tuple[str, list[str]]]) -> None:
+    """Compose and validate each job's config as train.py does (Hydra's compose, then resolve_config), before any
+    job runs: the first bad key raises SweepError naming it and the job. `jobs`: (label, overrides) pairs."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dsv4.config import ConfigError
+    from dsv4.training.config import resolve_config
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="sweep_check"):
+        for label, overrides in jobs:
+            try:
+                resolve_config(compose(config_name="config", overrides=overrides))
+            except (HydraException, OmegaConfBaseException, ConfigError) as e:
+                raise SweepError(f"{label}: {_one_line(e)}") from None
+
+
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Create the sweep directory and write a file in it, before any job starts (os.access is no test: as root it
+    says yes to a read-only mount); SweepError naming --sweep-dir when that fails."""
+    probe = sweep_dir / "jobs" / f".write-test.{os.getpid()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SweepError(f"--sweep-dir {sweep_dir}: cannot write there ({e.strerror or e}); choose a writable "
+                         "directory") from None
 
 
 def _free_port() -> int:
@@ -191,8 +254,21 @@ def sweep_help() -> str:
             "Hydra overrides as above.\n\n" + usage)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str = "launch/sweep.py") -> int:
+    """The sweep driver (`prog`: how it was invoked, for its usage line: train.py passes "train.py -m")."""
+    parser = build_parser(prog)
+    try:
+        return _run(parser, argv)
+    except SweepError as e:
+        parser.error(str(e))  # usage line, "PROG: error: ...", exit code 2
+    except SystemExit as e:  # a one-line message (a sweep config, --parallel x --ranks): exit code 2 as well
+        if isinstance(e.code, str):
+            parser.error(e.code)
+        raise
+    return 2  # pragma: no cover
+
+
+def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     args, rest = parser.parse_known_args(argv)
     bad = [a for a in rest if a.startswith("-")]
     if bad:
@@ -226,9 +302,26 @@ def main(argv: list[str] | None = None) -> int:
     selected = [args.job] if args.job is not None else list(range(len(jobs)))
     parallel = min(args.parallel, len(selected))
     slots = device_slots(parallel, args.ranks, _visible_devices(args.devices) if parallel > 1 else [])
-    print(f"sweep {group}: {len(jobs)} job(s), {args.ranks} rank(s) each, {parallel} at a time, in {sweep_dir}",
-          flush=True)
-    (sweep_dir / "jobs").mkdir(parents=True, exist_ok=True)
+
+    def job_overrides(i: int) -> tuple[list[str], Path, list[str]]:
+        """Job i's swept overrides, run directory and every override it runs with."""
+        job = jobs[i]
+        varying = [o for o in job if o.split("=", 1)[0] in sweeping]
+        run_dir = sweep_dir / f"{i:03d}-{_slug(varying)}"
+        extra = [f"train.output_dir={_quoted(str(run_dir))}"]
+        if not any(o.startswith("logging.wandb.group=") for o in job):
+            extra.append(f"logging.wandb.group={_quoted(group)}")
+        if not any(o.startswith("logging.wandb.name=") for o in job):
+            extra.append(f"logging.wandb.name={_quoted(','.join(varying) or name)}")
+        return varying, run_dir, [*job, *extra]
+
+    # every mistake before any work: each job's config, then (a real sweep) the sweep directory
+    check_jobs([(f"job {i} ({' '.join(job_overrides(i)[0]) or 'no swept keys'})", job_overrides(i)[2])
+                for i in selected])
+    if not args.dry_run:
+        check_sweep_dir(sweep_dir)
+    print(f"sweep {group}: {len(jobs)} job(s), {args.ranks} rank(s) each, {parallel} at a time, in {sweep_dir}"
+          + (" (dry run: nothing is written)" if args.dry_run else ""), flush=True)
     pending = list(selected)
     running: dict[int, tuple[int, subprocess.Popen, dict[str, Any], Any]] = {}  # slot -> job, process, record, log
     failed = 0
@@ -237,20 +330,13 @@ def main(argv: list[str] | None = None) -> int:
             i = pending.pop(0)
             slot = min(set(range(parallel)) - set(running))
             job = jobs[i]
-            varying = [o for o in job if o.split("=", 1)[0] in sweeping]
-            run_dir = sweep_dir / f"{i:03d}-{_slug(varying)}"
-            extra = [f"train.output_dir={_quoted(str(run_dir))}"]
-            if not any(o.startswith("logging.wandb.group=") for o in job):
-                extra.append(f"logging.wandb.group={_quoted(group)}")
-            if not any(o.startswith("logging.wandb.name=") for o in job):
-                extra.append(f"logging.wandb.name={_quoted(','.join(varying) or name)}")
-            cmd, job_env = job_command(args.launcher, args.ranks, [*job, *extra], slots[slot])
+            varying, run_dir, job_args = job_overrides(i)
+            cmd, job_env = job_command(args.launcher, args.ranks, job_args, slots[slot])
             where = f" on GPUs {','.join(slots[slot])}" if slots[slot] else ""
             print(f"[{i + 1}/{len(jobs)}] {' '.join(varying) or '(no swept keys)'} -> {run_dir}{where}", flush=True)
             record = {"job": i, "overrides": job, "run_dir": str(run_dir), "returncode": None}
             if args.dry_run:
                 print("  " + " ".join([*(f"{k}={v}" for k, v in job_env.items()), *cmd]), flush=True)
-                (sweep_dir / "jobs" / f"{i:03d}.json").write_text(json.dumps(record))
                 continue
             log = open(sweep_dir / f"{i:03d}.log", "w") if parallel > 1 else None  # noqa: SIM115
             record["started"] = time.time()
@@ -272,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                   + (f" (output: {sweep_dir / f'{i:03d}.log'})" if log else ""), flush=True)
         if running:
             time.sleep(0.5)
+    if args.dry_run:  # nothing written: no directory, no job records
+        return 0
     records = _write_records(sweep_dir, group)
     if not args.dry_run:
         print(results_table(records), flush=True)
