@@ -78,6 +78,8 @@ ABLATIONS = [
     Ablation("pro_like", (32, 32, 4, 32), "V4-Pro's order: HCA layers first, no window-only layer"),
     Ablation("v4_preset_csa_first", (4, 0, 32, 4), "the preset with its first two layers swapped"),
     Ablation("dense4", (-1, -1, -1, -1), "four dense layers"),
+    Ablation("dense2", (-1, -1), "two dense layers (enough for induction)"),
+    Ablation("dense2_all_tokens", (-1, -1), "two dense layers, loss on every token", loss="all", steps=2000),
     Ablation("window_csa_long", (0, 4), "as window_csa, 2,000 steps", steps=2000),
     Ablation("v4_preset_long", (0, 4, 32, 4), "the preset, 2,000 steps", steps=2000),
 ]
