@@ -58,3 +58,24 @@ def test_bad_arguments_stop_before_any_work(tmp_path, capsys):
             assert e.code == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "x").exists()
+
+
+def test_the_ablation_script_trains_reports_and_resumes(tmp_path, capsys):
+    """benchmarks/recall_ablation.py at a toy size: each chosen ablation trains in-process and lands in the table;
+    the experiment option zeroes and freezes the window layer's attention output; a rerun redoes nothing."""
+    import recall_ablation
+
+    out = tmp_path / "abl"
+    argv = [str(out), "--only", "csa1,window_csa_zero_out", "--toy", "--jobs", "1"]
+    assert recall_ablation.main(argv) == 0
+    table = (out / "results.md").read_text()
+    assert "| csa1 | [4] |" in table and "| window_csa_zero_out | [0, 4] |" in table
+    result = json.loads((out / "csa1.json").read_text())
+    assert [p["step"] for p in result["curve"]] == [1, 2, 3] and 0.0 <= result["final_accuracy"] <= 1.0
+    model, _, _ = recall_ablation.build(next(a for a in recall_ablation.ABLATIONS
+                                             if a.name == "window_csa_zero_out"), seed=0)
+    window_out = model.layers[0].attn.wo_b.weight
+    assert not window_out.requires_grad and not window_out.any()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    assert recall_ablation.main(argv) == 0 and "0 chosen" not in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
