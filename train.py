@@ -14,6 +14,7 @@ import signal
 import sys
 
 MULTIRUN = ("-m", "--multirun")
+USER_HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR" in os.environ  # the user's: Hydra's errors then keep their traceback
 SWEEP_OPTIONS = ("--ranks", "--parallel", "--launcher", "--sweep-dir", "--devices", "--job", "--dry-run", "--sweep")
 
 
@@ -58,6 +59,8 @@ def main() -> None:
 
     # The deepspeed launcher appends --local_rank=N, which Hydra rejects: move it to LOCAL_RANK first.
     sys.argv = strip_launcher_args(sys.argv)
+    user_full_error = USER_HYDRA_FULL_ERROR
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors (composing the config) come here; run() unsets it
     try:
         hydra_main()
     except SystemExit:
@@ -66,6 +69,43 @@ def main() -> None:
 
             print(sweep_help())
         raise
+    except Exception as e:
+        from hydra.errors import HydraException
+
+        if user_full_error or not isinstance(e, HydraException):
+            raise
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if not user_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
+def hydra_error_line(e: Exception) -> str:
+    """One line for an error of Hydra's (a bad override, an unknown key or config): its message without the
+    search path and caret lines, and for an override the shell unquoted (`data.eos_token=<eos>`), how to quote it."""
+    parts: list[str] = []
+    for line in str(e).splitlines():
+        if line.startswith("Config search path"):
+            break
+        text = line.strip()
+        if not text or set(text) <= {"^", " "} or text.startswith("See https://hydra.cc"):
+            continue
+        if line.startswith("\t") and parts:  # the options of a config group, one a line
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + text
+        else:
+            parts.append(text.rstrip("."))
+    if isinstance(e.__cause__, Exception) and str(e.__cause__).strip():
+        cause = str(e.__cause__).strip().splitlines()[0]
+        if cause not in parts:
+            parts.append(cause)
+    message = "; ".join(parts)
+    override = getattr(e, "override", None)
+    if override and "=" in override:
+        key, value = override.split("=", 1)
+        message += (f"; if the value has characters Hydra's grammar reserves (< > [ ] {{ }} , = spaces), quote the "
+                    f"value for Hydra inside quotes for the shell: \"{key}='{value}'\"")
+    return message
 
 
 def _hydra_entry():
@@ -74,6 +114,8 @@ def _hydra_entry():
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
     def run(cfg: DictConfig) -> None:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" and not USER_HYDRA_FULL_ERROR:
+            os.environ.pop("HYDRA_FULL_ERROR")  # errors of the run itself: Hydra's usual short traceback
         from data_pipelines import DataError
         from dsv4.config import ConfigError
         from dsv4.training.checkpointing import CheckpointError

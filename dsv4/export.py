@@ -36,6 +36,21 @@ def resolve_checkpoint(path: Path) -> tuple[Path, str]:
     raise ConfigError(f"{path}: not a checkpoint directory (no 'latest' and no *model_states.pt)")
 
 
+def check_latest_tag(ckpt_dir: Path, tag: str, key: str | None = None) -> None:
+    """ConfigError when the checkpoint `latest` names is not there: the file, the tag, the checkpoints that are and
+    what to do."""
+    if (ckpt_dir / tag).is_dir():
+        return
+    from dsv4.training.checkpointing import MANIFEST
+
+    present = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) \
+        if ckpt_dir.is_dir() else []
+    fix = (f"pass one checkpoint directory instead (the newest complete one is {ckpt_dir / present[-1]}), or "
+           f"write its tag into {ckpt_dir / 'latest'}" if present else "no complete checkpoint is there to use instead")
+    raise ConfigError(f"{key + ': ' if key else ''}{ckpt_dir / 'latest'} names checkpoint {tag!r}, but "
+                      f"{ckpt_dir / tag} does not exist (deleted or moved?); {fix}")
+
+
 def check_out_dir(out: Path, flag: str = "--out") -> None:
     """Refuse (ConfigError naming `flag`) an output directory that cannot be created or written, before any work:
     a file in the way, or a first existing ancestor where a probe file cannot be made. Creates nothing."""
@@ -80,6 +95,9 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
         problem = verify_checkpoint(tag_dir)
         if problem is not None:
             raise ConfigError(f"{tag_dir}: damaged checkpoint: {problem}")
+    else:  # loaded anyway: checkpoints written before manifests existed have none
+        print(f"warning: {tag_dir}: no {MANIFEST} (the checkpoint's manifest), so its files cannot be verified: it "
+              "may be incomplete or changed; loading it unverified", file=sys.stderr, flush=True)
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -99,6 +117,7 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     if out_dir:
         check_out_dir(Path(out_dir), "--out")
     ckpt_dir, tag = resolve_checkpoint(Path(checkpoint))
+    check_latest_tag(ckpt_dir, tag)
     out = Path(out_dir) if out_dir else ckpt_dir.parent / "export" / tag
     if not out_dir:
         check_out_dir(out, "--out (default <run>/export/<tag>)")

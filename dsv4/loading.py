@@ -73,7 +73,7 @@ def find_source(path: str | Path, key: str = "path") -> ModelSource:
                           f"directory (with {CONFIG} and {WEIGHTS})")
     if is_export_dir(path):
         return ModelSource("export", path, None)
-    from dsv4.export import resolve_checkpoint
+    from dsv4.export import check_latest_tag, resolve_checkpoint
 
     try:
         ckpt_dir, tag = resolve_checkpoint(path)
@@ -81,9 +81,8 @@ def find_source(path: str | Path, key: str = "path") -> ModelSource:
         raise ConfigError(f"{key}: {path} holds no model: not an export directory ({CONFIG} + {WEIGHTS}) and "
                           "not a run or checkpoint directory (checkpoints/latest or *model_states.pt). Train "
                           "with train.save_interval or let the run finish, then pass its run directory") from None
+    check_latest_tag(ckpt_dir, tag, key)
     tag_dir = ckpt_dir / tag
-    if not tag_dir.is_dir():
-        raise ConfigError(f"{key}: {ckpt_dir / 'latest'} names checkpoint {tag!r}, which does not exist")
     return ModelSource("checkpoint", tag_dir, ckpt_dir.parent)
 
 

@@ -67,6 +67,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # keep the newest K published checkpoints (0: keep all)
     resume: Any = False  # false | true (the tag in `latest`) | auto (newest complete checkpoint) | a directory
     max_bad_steps: int = 5  # non-finite losses in a row (each skips its update) that stop the run with a checkpoint
+    # after warm-up, a training LM loss above this for max_bad_steps steps in a row stops the run as diverged:
+    # auto (2 x ln(model.vocab_size), twice a uniform guess) | a number | null (never)
+    diverge_loss: Any = "auto"
     eval_interval: int = 0  # 0: only at the end
     eval_batches: int = 4
 
@@ -197,6 +200,9 @@ def _check(run: RunConfig) -> None:
     need(isinstance(t.resume, (bool, str)), "train.resume", t.resume, "use false, true or a directory")
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 keeps all)")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    need(t.diverge_loss is None or t.diverge_loss == "auto"
+         or (isinstance(t.diverge_loss, (int, float)) and not isinstance(t.diverge_loss, bool) and t.diverge_loss > 0),
+         "train.diverge_loss", t.diverge_loss, "use a loss > 0, auto (2 x ln(model.vocab_size)) or null (never)")
     need(lg.interval >= 1, "logging.interval", lg.interval, "must be >= 1")
     need(lg.peak_tflops is None or lg.peak_tflops == "auto"
          or (isinstance(lg.peak_tflops, (int, float)) and not isinstance(lg.peak_tflops, bool) and lg.peak_tflops > 0),
@@ -214,6 +220,51 @@ OWNED_DEEPSPEED_KEYS = {"train_micro_batch_size_per_gpu": "train.micro_batch_siz
 
 
 def _check_deepspeed_extra(extra: dict[str, Any], need) -> None:
+    def deepspeed_reads() -> frozenset[str]:
+        """The top-level keys DeepSpeed's config parser reads (it ignores any other without a word), found by
+        parsing a minimal config whose dict records each key looked up."""
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        seen: set[str] = set()
+
+        class Keys(list):
+            def __contains__(self, key) -> bool:
+                seen.add(key)
+                return list.__contains__(self, key)
+
+        class Recorder(dict):
+            def get(self, key, *default):
+                seen.add(key)
+                return super().get(key, *default)
+
+            def __getitem__(self, key):
+                seen.add(key)
+                return super().__getitem__(key)
+
+            def __contains__(self, key) -> bool:
+                seen.add(key)
+                return super().__contains__(key)
+
+            def keys(self):
+                return Keys(super().keys())
+
+        DeepSpeedConfig(Recorder(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1))
+        # read only with a process group (ZeRO.Init's sequence parallelism), which this parse has not
+        return frozenset(k for k in seen if isinstance(k, str)) | {"sequence_parallel_size"}
+
+    known = _check_deepspeed_extra.__dict__.get("known")
+    if extra and known is None:  # once per process
+        try:
+            known = deepspeed_reads()
+        except Exception:  # a DeepSpeed whose config parser this probe cannot run: unknown keys go unchecked
+            known = frozenset()
+        _check_deepspeed_extra.known = known
+    for key in sorted(set(extra) - known, key=str) if known else ():
+        import difflib
+
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        need(False, f"deepspeed.extra.{key}", extra[key], "not a key of DeepSpeed's config (DeepSpeed would ignore "
+             f"it without a word){f'; did you mean {close[0]}?' if close else ''}")
     for key, instead in OWNED_DEEPSPEED_KEYS.items():
         need(key not in extra, f"deepspeed.extra.{key}", extra.get(key), f"the trainer sets it; use {instead}")
     fp16 = extra.get("fp16")

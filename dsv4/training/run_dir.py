@@ -91,12 +91,20 @@ def claim_run_dir(run: RunConfig, run_dir: Path, say) -> RunLock:
     if run.train.resume is True and not run_dir.is_dir():
         raise ConfigError(f"train.resume=true: nothing to resume: {key} does not exist. Drop train.resume to start a "
                           "new run, or use train.resume=auto to start from step 0 when there is no checkpoint")
+    created = None  # the topmost directory this run creates: removed again if the run writes nothing into it
+    missing = run_dir.absolute()
+    while not missing.exists() and missing != missing.parent:
+        created, missing = missing, missing.parent
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{key}: cannot create it ({type(e).__name__}: {e}); choose a writable directory") from None
-    lock = RunLock(run_dir)
-    lock.acquire(key, say)
+    lock = RunLock(run_dir, created)
+    try:
+        lock.acquire(key, say)
+    except BaseException:
+        lock.remove_if_empty()
+        raise
     try:
         _check_reuse(run, run_dir, key)
     except ConfigError:
@@ -121,8 +129,10 @@ def _check_reuse(run: RunConfig, run_dir: Path, key: str) -> None:
 class RunLock:
     """`<run>/run.lock`: one live run per directory (see the module docstring)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, created: Path | None = None) -> None:
         self.path = run_dir / LOCK
+        self.run_dir = run_dir
+        self.created = created  # the topmost directory claim_run_dir created (None: the run directory existed)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.held = False
@@ -174,6 +184,30 @@ class RunLock:
             if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
                 self.path.unlink(missing_ok=True)
             self.held = False
+        self.remove_if_empty()
+
+    def remove_if_empty(self) -> None:
+        """A run directory this run created and wrote nothing into (a run that failed before writing anything):
+        remove it, with the empty parents it created, so no empty directory is left behind. Only empty directories
+        are removed (rmdir), and never one that existed before the run."""
+        if self.created is None:
+            return
+        try:
+            tree = []
+            for root, dirs, files in os.walk(self.run_dir):
+                if files or any(os.path.islink(os.path.join(root, d)) for d in dirs):
+                    return  # something was written: keep it all
+                tree.append(root)
+            for root in sorted(tree, key=lambda r: -len(Path(r).parts)):
+                os.rmdir(root)  # fails (and stops) at the first directory holding anything
+            directory = self.run_dir.absolute().parent
+            while directory != self.created.parent and directory.is_relative_to(self.created):
+                directory.rmdir()
+                directory = directory.parent
+        except OSError:
+            pass
+        finally:
+            self.created = None
 
 
 def _holder() -> dict[str, Any]:

@@ -197,6 +197,7 @@ class Trainer:
         self.stop = StopRequest(announce=self.is_main, cleanup=self._release)
         self.history: list[dict[str, float]] = []
         self.bad_in_a_row = self.bad_total = 0
+        self.high_in_a_row = 0  # steps after warm-up with the LM loss above diverge_threshold(), in a row
         self.last_applied: int | None = None  # the last step whose update was applied, in this run
         self.last_saved = self.start_step if self.resume is not None else -1
         self.val_loss: float | None = None
@@ -321,7 +322,7 @@ class Trainer:
         for step in range(self.start_step, run.train.steps):
             result = self.train_step(step)
             done = step + 1
-            stopped_by = self._count_bad_step(result.bad)
+            stopped_by = self._count_bad_step(result.bad) or self._count_high_loss(step, result.record["lm_loss"])
             if result.stop_requested and stopped_by is None:
                 stopped_by = "signal"
             evaluated = stopped_by is None and self.validation_warning is None and self._evaluation_due(done)
@@ -503,6 +504,15 @@ class Trainer:
             return "bad_steps"
         return None
 
+    def _count_high_loss(self, step: int, lm_loss: float) -> str | None:
+        """After warm-up, count steps whose training LM loss (the mean over ranks: every rank agrees) is above
+        train.diverge_loss; `diverged` when train.max_bad_steps come in a row, else None."""
+        limit = diverge_threshold(self.config)
+        if limit is None or step < self.config.train.warmup_steps or not math.isfinite(lm_loss):
+            return None  # a non-finite loss is a bad step, counted by _count_bad_step
+        self.high_in_a_row = self.high_in_a_row + 1 if lm_loss > limit else 0
+        return "diverged" if self.high_in_a_row >= self.config.train.max_bad_steps else None
+
     def _explain_stop(self, done: int, result: StepResult, stopped_by: str | None) -> None:
         t = self.config.train
         if result.bad is not None:
@@ -518,6 +528,11 @@ class Trainer:
             self.say(f"stopping: {self.bad_in_a_row} skipped updates in a row (non-finite loss or gradient norm; "
                      f"train.max_bad_steps={t.max_bad_steps}); {self._last_update_truth(done)}. Lower train.lr or "
                      "check the data around this step before resuming")
+        elif stopped_by == "diverged":
+            self.say(f"stopping: training diverged: LM loss {result.record['lm_loss']:.4g} above "
+                     f"train.diverge_loss={diverge_threshold(self.config):.4g} for {self.high_in_a_row} steps in a row "
+                     f"(train.max_bad_steps={t.max_bad_steps}) with train.lr={t.lr:g}; lower train.lr (or set "
+                     f"train.diverge_loss=null to train on); checkpoint at step {done}, older ones kept")
         elif stopped_by == "signal":
             self.say(f"step {done}: stop signal received ({self.stop.signal_name or 'on another rank'}); "
                      "checkpointing and exiting")
@@ -542,7 +557,7 @@ class Trainer:
         resumed from never."""
         from data_pipelines import save_data_state
 
-        healthy = self.bad_in_a_row == 0 and self.last_applied is not None
+        healthy = self.bad_in_a_row == 0 and self.high_in_a_row == 0 and self.last_applied is not None
         own = self.resume is not None and self.resume.ckpt_dir.resolve() == self.ckpt_dir.resolve()
         protect = [self.resume.tag] if own else []
         report = checkpointing.save_checkpoint(
@@ -577,6 +592,15 @@ class Trainer:
             self.say(format_summary(summary))
         self.logger.finish()
         return summary
+
+
+def diverge_threshold(run: RunConfig) -> float | None:
+    """The training LM loss above which a step counts toward divergence (train.diverge_loss; auto: twice the loss
+    of a uniform guess over the vocabulary), or None (never)."""
+    limit = run.train.diverge_loss
+    if limit is None:
+        return None
+    return 2 * math.log(run.model.vocab_size) if limit == "auto" else float(limit)
 
 
 def _ppl(loss: float | None) -> float | None:
