@@ -3,6 +3,7 @@
 
     python benchmarks/recall_ablation.py outputs/recall_ablation            # every ablation (~25 min on 2 cores)
     python benchmarks/recall_ablation.py outputs/recall_ablation --only csa1,csa1_all_tokens --jobs 1
+    python benchmarks/recall_ablation.py outputs/recall_ablation --only csa2,window_csa --seeds 3  # seeds 0..2
     python benchmarks/recall_ablation.py outputs/toy --toy                   # a few steps each (smoke test)
 
 Each ablation trains one small decoder (dsv4.build_model, hidden 128, 4 heads of 64, window 16) in this process with
@@ -18,7 +19,8 @@ answers 67-110 tokens from their pair, beyond the reach of four stacked 16-token
 not in V4's design are experiment options, named as such: `zero_window_out` (the window-only layer's attention
 output set to zero and frozen) and `freeze_window` (that layer's attention frozen at its initialisation).
 
-Writes <out>/<name>.json per ablation (resumable: a finished one is skipped) and <out>/results.md (the table).
+Writes <out>/<name>.json per ablation and seed (<name>-s<seed>.json for seeds above 0; resumable: a finished one
+is skipped) and <out>/results.md (the table: the mean over the seeds run, and each seed's accuracy).
 """
 
 from __future__ import annotations
@@ -171,13 +173,18 @@ def run_ablation(ablation: Ablation, out: Path, eval_every: int, seed: int = 0) 
     result = {"ablation": {**ablation.__dict__, "ratios": list(ablation.ratios)}, "chance": 1 / spec.num_values,
               "curve": curve, "final_accuracy": curve[-1]["accuracy"], "wall_time_s": time.time() - started,
               "tokens": ablation.steps * BATCH * len(eval_docs[0].ids)}
-    (out / f"{ablation.name}.json").write_text(json.dumps(result, indent=2))
+    result["seed"] = seed
+    result_file(out, ablation.name, seed).write_text(json.dumps(result, indent=2))
     return result
 
 
-def _worker(args: tuple[Ablation, str, int]) -> None:
-    ablation, out, eval_every = args
-    run_ablation(ablation, Path(out), eval_every)
+def result_file(out: Path, name: str, seed: int) -> Path:
+    return out / (f"{name}.json" if seed == 0 else f"{name}-s{seed}.json")
+
+
+def _worker(args: tuple[Ablation, str, int, int]) -> None:
+    ablation, out, eval_every, seed = args
+    run_ablation(ablation, Path(out), eval_every, seed)
 
 
 # ---------------------------------------------------------------- the report
@@ -186,19 +193,24 @@ def first_step_at(curve: list[dict[str, Any]], level: float) -> int | None:
     return next((p["step"] for p in curve if p["accuracy"] >= level), None)
 
 
-def write_report(out: Path, results: list[dict[str, Any]], command: str) -> str:
+def write_report(out: Path, results: list[list[dict[str, Any]]], command: str) -> str:
+    """One row per ablation: the mean final accuracy over its seeds, each seed's, and the first step at which the
+    seeds' mean curve reaches 50% / 90%."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
     lines = [f"# Recall ablations ({datetime.date.today().isoformat()}, commit {commit})", "", f"`{command}`", "",
              "MQAR (8 pairs, each alone in its 4-token group, 64-token gap: answers 67-110 tokens back) unless "
              "said; held-out greedy answer accuracy (chance 6.2%, copy 3.1%); CSA in the dense phase unless said.", "",
-             "| ablation | layers | what | steps | accuracy | first step >= 50% | >= 90% |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        a = r["ablation"]
-        lines.append(f"| {a['name']} | {a['ratios']} | {a['what']} | {a['steps']} | "
-                     f"{100 * r['final_accuracy']:.1f}% | {first_step_at(r['curve'], 0.5) or '-'} | "
-                     f"{first_step_at(r['curve'], 0.9) or '-'} |")
+             "| ablation | layers | what | steps | accuracy (mean) | per seed | first step >= 50% | >= 90% |",
+             "|---|---|---|---|---|---|---|---|"]
+    for seeds in results:
+        a = seeds[0]["ablation"]
+        mean = sum(r["final_accuracy"] for r in seeds) / len(seeds)
+        curve = [{"step": p["step"], "accuracy": sum(r["curve"][i]["accuracy"] for r in seeds) / len(seeds)}
+                 for i, p in enumerate(seeds[0]["curve"])]
+        per_seed = ", ".join(f"{100 * r['final_accuracy']:.0f}" for r in seeds)
+        lines.append(f"| {a['name']} | {a['ratios']} | {a['what']} | {a['steps']} | {100 * mean:.1f}% | {per_seed} | "
+                     f"{first_step_at(curve, 0.5) or '-'} | {first_step_at(curve, 0.9) or '-'} |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -211,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output directory (one JSON per ablation, results.md)")
     p.add_argument("--only", default=None, help="comma-separated ablation names (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="ablations run at once, one thread each")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per ablation (0..N-1)")
     p.add_argument("--eval-every", type=int, default=50, help="steps between held-out evaluations")
     p.add_argument("--toy", action="store_true", help="3 steps each (a smoke test, not a result)")
     args = p.parse_args(argv)
@@ -219,21 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in chosen if n not in names]
     if unknown:
         p.error(f"--only: unknown ablation {unknown[0]} (choose from {', '.join(sorted(names))})")
-    if args.jobs < 1 or args.eval_every < 1:
-        p.error("--jobs and --eval-every must be >= 1")
+    if args.jobs < 1 or args.eval_every < 1 or args.seeds < 1:
+        p.error("--jobs, --eval-every and --seeds must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [replace(a, steps=3) if args.toy else a for a in ABLATIONS if a.name in chosen]
-    pending = [a for a in todo if not (out / f"{a.name}.json").is_file()]
-    print(f"recall ablations in {out}: {len(todo)} chosen, {len(todo) - len(pending)} already done", flush=True)
-    work = [(a, str(out), 1 if args.toy else args.eval_every) for a in pending]
+    runs = [(a, seed) for a in todo for seed in range(args.seeds)]
+    pending = [(a, seed) for a, seed in runs if not result_file(out, a.name, seed).is_file()]
+    print(f"recall ablations in {out}: {len(runs)} chosen (ablation x seed), {len(runs) - len(pending)} already "
+          "done", flush=True)
+    work = [(a, str(out), 1 if args.toy else args.eval_every, seed) for a, seed in pending]
     if args.jobs == 1:
         for item in work:
             _worker(item)
     else:
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             pool.map(_worker, work, chunksize=1)
-    results = [json.loads((out / f"{a.name}.json").read_text()) for a in todo]
+    results = [[json.loads(result_file(out, a.name, seed).read_text()) for seed in range(args.seeds)] for a in todo]
     command = "python benchmarks/recall_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:])
     print(write_report(out, results, command))
     return 0
