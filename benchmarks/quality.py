@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -471,6 +472,20 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, ([*TOY] if args.toy else []) + overrides
 
 
+def check_out_dir(path: str | Path) -> str | None:
+    """None if the output directory can be created and written (a probe file is written and removed: as root,
+    os.access says yes to everything), else one line naming the directory and the reason."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return f"{out}: cannot create or write the output directory ({e.strerror or e}); give another directory"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args, user = parse_args(argv)
     out = Path(args.out)
@@ -481,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
             base = compose(user)
     except Exception as e:  # a bad override: Hydra's or our ConfigError, naming the key
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = check_out_dir(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     target = count_params(compose([*user, "attention=preset"]).model)
     widths, params = {}, {}

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import (  # noqa: E402  (a sibling script: benchmarks/ is on the path above)
     COLORS,
     VARIANTS,
+    check_out_dir,
     choose_lr,
     compose,
     count_params,
@@ -340,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
             base = compose(user, EXPERIMENT)
     except Exception as e:  # a bad override: Hydra's or our ConfigError, naming the key
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    problem = check_out_dir(out)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     target = count_params(compose([*user, "attention=preset"], EXPERIMENT).model)
     widths, params = {}, {}

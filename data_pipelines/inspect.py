@@ -54,6 +54,11 @@ def load_config(overrides: list[str]):
     return data, train
 
 
+def _read_by_inspect(key: str) -> bool:
+    """Whether an override's key is one this command reads: data (a conf/data/ choice), data.* or TrainSettings'."""
+    return key == "data" or key.startswith("data.") or key in {f"train.{f.name}" for f in fields(TrainSettings)}
+
+
 def _hydra_message(text: str) -> str:
     """Hydra's multi-line error in one line: the problem, and the options it lists (not its search path)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -74,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=50, help="micro-batches to read for the counts (default 50)")
     parser.add_argument("--chars", type=int, default=600, help="characters shown per sequence (default 600)")
     args = parser.parse_intermixed_args(argv)
+    if args.samples < 1:
+        parser.error(f"--samples={args.samples}: must be >= 1")
+    for arg in args.config:
+        if "=" in arg and not _read_by_inspect(arg.split("=", 1)[0].lstrip("+~")):
+            print(f"error: {arg}: inspect only reads the data settings (data.*, "
+                  f"{', '.join(f'train.{f.name}' for f in fields(TrainSettings))}); this override changes nothing "
+                  "here", file=sys.stderr)
+            return 2
 
     from data_pipelines.packed import DataError
     from data_pipelines.pipeline import StreamingData, describe_stats, prepare_data

@@ -165,12 +165,25 @@ def _check_writable(path: Path, flag: str) -> None:
 
 # ---------------------------------------------------------------- the tasks
 
+def _progress(line: str) -> None:
+    """A progress line on stderr (stdout's tables and --out's JSON stay as they are)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def loss_tasks(loaded: LoadedModel, settings: RunSettings, data: str | None, batches: int | None,
                seq_len: int | None, batch_size: int | None) -> dict[str, Any]:
     """ppl and positions: one pass over the validation batches."""
     seq_len = seq_len or settings.seq_len
-    val, what = validation_batches(loaded, settings, data, batches or settings.eval_batches, seq_len,
-                                   batch_size or settings.micro_batch)
+    asked, size = batches or settings.eval_batches, batch_size or settings.micro_batch
+    wanted = asked * (settings.dp_world if data is None else 1)  # the trainer's split: every rank's share
+    _progress(f"ppl/positions: {wanted} batches of {size} x {seq_len} tokens from "
+              f"{data or 'the validation split'}...")
+    val, what = validation_batches(loaded, settings, data, asked, seq_len, size)
+    if len(val) < wanted:
+        flag = f"--batches {batches}" if batches else f"train.eval_batches={settings.eval_batches}"
+        per_rank = f" ({asked} per rank x {settings.dp_world} data-parallel ranks)" if wanted != asked else ""
+        _progress(f"{flag}: asked for {wanted} batches{per_rank}, but {data or 'the held-out split'} holds only "
+                  f"{len(val)} batch(es) of {size} x {seq_len} tokens; evaluating those")
     result = evaluate_batches(loaded.model, val, loaded.config.sliding_window, seq_len, settings.documents)
     return {"data": what, "seq_len": seq_len, **result}
 
@@ -180,6 +193,8 @@ def passkey_task(loaded: LoadedModel, settings: RunSettings, lengths: list[int] 
     window = loaded.config.sliding_window
     lengths = lengths or [m * window for m in DEFAULT_LENGTH_MULTIPLES]
     digits = digits or settings.passkey_digits or 5
+    _progress(f"passkey: {per_cell} prompt(s) per (length, depth), lengths {', '.join(map(str, lengths))}, depths "
+              f"{', '.join(f'{d:g}' for d in depths)}...")
     prompts = passkey_prompts(loaded.tokenizer, held_out_documents(settings), lengths, depths, per_cell, digits, seed)
 
     def decode(ids, n_new):
@@ -216,6 +231,7 @@ def evaluate(path: str | Path, tasks: list[str], *, data: str | None = None, bat
                                           passkey_digits, seed)
     if "recall" in tasks:
         specs = settings.recall or {"mqar": default_spec(loaded.config.sliding_window)}
+        _progress(f"recall: {', '.join(specs)} on {recall_docs} held-out documents each...")
         results["recall"] = recall_task(loaded, specs, recall_docs, seed, recall or {})
     results["wall_time_s"] = time.perf_counter() - t0
     return results

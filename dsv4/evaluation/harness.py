@@ -23,6 +23,7 @@ cut at the first stop string or EOS; sampling is not supported).
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any
@@ -156,14 +157,89 @@ class DSV4LM(LM):
         return results
 
 
+HUB_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def precheck(argv: list[str]) -> None:
+    """What can be checked before lm-eval reads its task index (10-20 s): --tasks given, and for --model dsv4 its
+    model_args (names, values, path present); a ConfigError naming the flag."""
+    import argparse
+
+    if not argv or argv[0] in ("ls", "validate") or {"-h", "--help"} & set(argv):
+        return
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--tasks", "-t", nargs="+")
+    p.add_argument("--model", "-M")
+    p.add_argument("--model_args", "-a", nargs="+")
+    p.add_argument("--config", "-C")
+    known, _ = p.parse_known_args(argv[1:] if argv[0] == "run" else argv)
+    if not known.tasks and not known.config:
+        raise ConfigError("--tasks: give the tasks to evaluate, e.g. --tasks hellaswag (`lm-eval ls tasks` lists "
+                          "them; a task of your own: --tasks NAME --include_path DIR)")
+    if known.model != "dsv4" or known.model_args is None:
+        return
+    given: dict[str, str] = {}
+    for part in ",".join(known.model_args).split(","):
+        if part.strip():
+            key, _, value = part.partition("=")
+            given[key.strip()] = value.strip()
+    known_args = {k: given.pop(k) for k in MODEL_ARGS if k in given}
+    check_model_args(known_args.get("max_length"), known_args.get("device", "cpu"),
+                     known_args.get("dtype", "float32"), known_args.get("backend", "auto"),
+                     known_args.get("phase", "sparse"), given)
+    path = known_args.get("path")
+    if not path:
+        raise ConfigError("--model_args: give path=RUN_DIR (a run, checkpoint or export directory)")
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise ConfigError(f"--model_args path={path}: no such directory")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in HUB_OFFLINE)
+
+
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.strip() + "\n\nlm-eval's options follow (every one applies; give --model dsv4 and "
+              "--model_args path=...,max_length=...,device=...,dtype=...,backend=...,phase=...).\n")
+        if sys.argv[1:] in (["-h"], ["--help"]):
+            sys.argv[1:1] = ["run"]  # `run`'s options (the ones this command takes), not lm-eval's command list
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     from lm_eval.__main__ import cli_evaluate
 
+    try:
+        import requests
+        connection_errors: tuple[type[BaseException], ...] = (ConnectionError, requests.exceptions.ConnectionError)
+    except ImportError:
+        connection_errors = (ConnectionError,)
     try:
         cli_evaluate()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except connection_errors as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if _offline():
+            print("error: a task needs its dataset from the Hugging Face Hub, and the Hub is offline here "
+                  "(HF_HUB_OFFLINE=1): set HF_HUB_OFFLINE=0 with network, or use a local task via --include_path "
+                  f"DIR ({first})", file=sys.stderr)
+        else:
+            print(f"error: a task's dataset could not be fetched from the Hugging Face Hub ({first}); check the "
+                  "network, or use a local task via --include_path DIR", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:
+        text = str(e).strip()
+        if text.startswith("Tasks not found") or text.startswith("Need to specify task"):
+            print(f"error: --tasks: {text.splitlines()[0]} (`lm-eval ls tasks` lists them; a task of your own: "
+                  "--include_path DIR)", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
