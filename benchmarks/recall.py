@@ -192,8 +192,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any
             "", f"`{settings['command']}`", "",
             f"{settings['tokens']:,} training tokens per run (a mixture of {', '.join(settings['tasks'])}; loss on the "
             f"answers), W = {settings['window']}, {settings['seeds']} seed(s) per variant, LR by "
-            f"{settings['lr_procedure']}; wall time {settings['wall_time_s'] / 60:.0f} min ({settings['parallel']} "
-            "training run(s) at a time). Accuracy of the greedy "
+            f"{settings['lr_procedure']}; each run trained in {settings['run_time_s'][0]:.0f}-{settings['run_time_s'][1]:.0f} "
+            f"s ({settings['parallel']} at a time). Accuracy of the greedy "
             f"answer on {settings['eval_docs']} held-out documents per task, by distance from the query to the token "
             "it recalls (in windows); 'beyond reach': farther than the stacked windows reach (layers x (W - 1)); "
             "indexer hits: CSA top-k holding an entry that pooled the source (random top-k in brackets). "
@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 "lr_procedure": (f"the lowest final validation loss of a {args.trial_fraction:g}-length trial run "
                                  "(seed 0) per LR" if len(args.lrs) > 1 else f"fixing it ({args.lrs[0]:g})"),
                 "chosen_lr": chosen, "trials": [asdict(t) for t in trials], "wall_time_s": time.time() - started,
-                "parallel": args.parallel}
+                "parallel": args.parallel,
+                "run_time_s": [min(r["wall_time_s"] for r in runs), max(r["wall_time_s"] for r in runs)]}
     write_report(out, rows, runs, settings)
     plot_by_distance(rows, out / "recall_by_distance.png")
     plot_vs_tokens(runs, out / "recall_vs_tokens.png")
