@@ -192,8 +192,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any
             "", f"`{settings['command']}`", "",
             f"{settings['tokens']:,} training tokens per run (a mixture of {', '.join(settings['tasks'])}; loss on the "
             f"answers), W = {settings['window']}, {settings['seeds']} seed(s) per variant, LR by "
-            f"{settings['lr_procedure']}; each run trained in {settings['run_time_s'][0]:.0f}-{settings['run_time_s'][1]:.0f} "
-            f"s ({settings['parallel']} at a time). Accuracy of the greedy "
+            f"{settings['lr_procedure']}; each run trained in {settings['run_time_s'][0]:.0f}-"
+            f"{settings['run_time_s'][1]:.0f} s ({settings['parallel']} at a time). Accuracy of the greedy "
             f"answer on {settings['eval_docs']} held-out documents per task, by distance from the query to the token "
             "it recalls (in windows); 'beyond reach': farther than the stacked windows reach (layers x (W - 1)); "
             "indexer hits: CSA top-k holding an entry that pooled the source (random top-k in brackets). "
