@@ -428,20 +428,28 @@ def plot_recall(runs: list[dict[str, Any]], train, path: Path) -> None:
 
 # ---------------------------------------------------------------- the command
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="benchmarks/quality.py", description=__doc__.splitlines()[0],
+def study_parser(prog: str, doc: str, out_help: str, variants: str, seeds: int, lrs: str,
+                 trial_fraction: float) -> argparse.ArgumentParser:
+    """The options every study driver shares (quality.py, recall.py), with its own defaults."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    p.add_argument("out", help="output directory (runs, logs, results.md, results.json, plots)")
-    p.add_argument("--variants", default="v4,dense,window", help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", type=int, default=2, help="full runs per variant (seeds 0..N-1)")
-    p.add_argument("--lrs", default="1.5e-3,3e-3,6e-3", help="learning rates tried per variant (one: no trials)")
+                                epilog="\n".join(doc.splitlines()[1:]))
+    p.add_argument("out", help=out_help)
+    p.add_argument("--variants", default=variants, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=seeds, help="full runs per variant (seeds 0..N-1)")
+    p.add_argument("--lrs", default=lrs, help="learning rates tried per variant (one: no trials)")
     p.add_argument("--scale", type=float, default=1.0, help="every run's steps (schedule, phases, intervals alike) "
                                                               "x this: 0.25 for a pilot, 10 for a longer run")
-    p.add_argument("--trial-fraction", type=float, default=0.2, help="length of an LR trial, share of the steps")
-    p.add_argument("--passkey-per-cell", type=int, default=4, help="passkey prompts per (length, depth)")
-    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the evaluation's losses")
+    p.add_argument("--trial-fraction", type=float, default=trial_fraction,
+                   help="length of an LR trial, share of the steps")
     p.add_argument("--toy", action="store_true", help="a few steps at tiny sizes (a smoke test, not a result)")
+    return p
+
+
+def parse_study_args(p: argparse.ArgumentParser, argv: list[str] | None, counts: tuple[str, ...]
+                     ) -> tuple[argparse.Namespace, list[str]]:
+    """Parse and check the shared options (and the integer options named in `counts`, each >= 1); the rest of argv
+    are Hydra overrides, none of the keys the driver sets itself. p.error (exit 2) names the first mistake."""
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
@@ -463,12 +471,22 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--lrs={args.lrs}: give comma-separated numbers")
     if not args.lrs or min(args.lrs) <= 0:
         p.error("--lrs: give positive learning rates")
-    if args.seeds < 1 or args.passkey_per_cell < 1 or args.eval_batches < 1:
-        p.error("--seeds, --passkey-per-cell and --eval-batches must be >= 1")
+    for name in ("seeds", *counts):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.scale <= 0:
         p.error("--scale must be > 0")
     if not 0 < args.trial_fraction <= 1:
         p.error("--trial-fraction must be in (0, 1]")
+    return args, overrides
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = study_parser("benchmarks/quality.py", __doc__, "output directory (runs, logs, results.md, results.json, plots)",
+                     "v4,dense,window", 2, "1.5e-3,3e-3,6e-3", 0.2)
+    p.add_argument("--passkey-per-cell", type=int, default=4, help="passkey prompts per (length, depth)")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the evaluation's losses")
+    args, overrides = parse_study_args(p, argv, ("passkey_per_cell", "eval_batches"))
     return args, ([*TOY] if args.toy else []) + overrides
 
 

@@ -45,7 +45,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import (  # noqa: E402  (a sibling script: benchmarks/ is on the path above)
     COLORS,
-    VARIANTS,
     check_out_dir,
     choose_lr,
     compose,
@@ -54,14 +53,14 @@ from quality import (  # noqa: E402  (a sibling script: benchmarks/ is on the pa
     git_commit,
     matched_mlp_width,
     mean_spread,
+    parse_study_args,
     run_training,
     scaled,
+    study_parser,
     trial_jobs,
 )
 
 EXPERIMENT = "recall"
-RESERVED = ("attention", "train.lr", "train.seed", "model.intermediate_size", "train.output_dir", "train.resume",
-            "+experiment")
 TOY = ["train.steps=4", "train.micro_batch_size=2", "train.warmup_steps=1", "train.phases.dense_steps=1",
        "train.phases.indexer_warmup_steps=1", "train.eval_interval=2", "train.eval_batches=1", "train.save_interval=2",
        "logging.interval=1"]
@@ -289,42 +288,11 @@ def plot_hits(runs: list[dict[str, Any]], train, path: Path) -> None:
 # ---------------------------------------------------------------- the command
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="benchmarks/recall.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[1:]))
-    p.add_argument("out", help="output directory (runs, logs, eval, results.md, results.json, plots)")
-    p.add_argument("--variants", default="v4,dense,window,csa,hca", help=f"comma-separated, from {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", type=int, default=3, help="full runs per variant (seeds 0..N-1)")
-    p.add_argument("--lrs", default="3e-3", help="learning rates tried per variant (one: no trials)")
-    p.add_argument("--scale", type=float, default=1.0, help="every run's steps (schedule, phases, intervals alike) "
-                                                              "x this")
-    p.add_argument("--trial-fraction", type=float, default=0.25, help="length of an LR trial, share of the steps")
+    p = study_parser("benchmarks/recall.py", __doc__, "output directory (runs, logs, eval, results.md, results.json, "
+                     "plots)", "v4,dense,window,csa,hca", 3, "3e-3", 0.25)
     p.add_argument("--eval-docs", type=int, default=128, help="held-out documents per task and checkpoint")
     p.add_argument("--parallel", type=int, default=1, help="training runs at once (each with cores / N threads)")
-    p.add_argument("--toy", action="store_true", help="a few steps at tiny sizes (a smoke test, not a result)")
-    args, overrides = p.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("-")]
-    if bad:
-        p.error(f"unknown option {bad[0]}")
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key in (r.lstrip("+") for r in RESERVED):
-            p.error(f"{o}: the driver sets {key} itself (variants, LR choice, seeds, output)")
-    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not args.variants or any(v not in VARIANTS for v in args.variants):
-        p.error(f"--variants={','.join(args.variants)}: choose from {', '.join(VARIANTS)}")
-    if "v4" not in args.variants:
-        p.error("--variants: include v4 (the parameter counts are matched to it)")
-    try:
-        args.lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"--lrs={args.lrs}: give comma-separated numbers")
-    if not args.lrs or min(args.lrs) <= 0:
-        p.error("--lrs: give positive learning rates")
-    if args.seeds < 1 or args.eval_docs < 1 or args.parallel < 1:
-        p.error("--seeds, --eval-docs and --parallel must be >= 1")
-    if args.scale <= 0 or not 0 < args.trial_fraction <= 1:
-        p.error("--scale must be > 0 and --trial-fraction in (0, 1]")
+    args, overrides = parse_study_args(p, argv, ("eval_docs", "parallel"))
     if args.toy:
         args.eval_docs = min(args.eval_docs, TOY_EVAL_DOCS)
     return args, ([*TOY] if args.toy else []) + overrides
