@@ -165,7 +165,7 @@ def run_ablation(ablation: Ablation, out: Path, eval_every: int, seed: int = 0) 
         scheduler.step()
         if step % eval_every == 0 or step == ablation.steps:
             model.eval()
-            curve.append({"step": step, "loss": float(out_.lm_loss), "accuracy": answer_accuracy(model, eval_ids,
+            curve.append({"step": step, "loss": out_.lm_loss.item(), "accuracy": answer_accuracy(model, eval_ids,
                                                                                                 eval_docs)})
             model.train()
             print(f"  {ablation.name} step {step}: answer loss {curve[-1]['loss']:.3f}, held-out accuracy "
