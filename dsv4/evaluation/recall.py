@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data_pipelines.recall import RecallSpec, Symbols, TokenDocument, make_document
+from dsv4.config import CSA_RATIO
 
 EVAL_SALT = 29  # the training streams (RecallStream) use 13
 
@@ -88,7 +89,7 @@ def _score_batch(model, docs: list[TokenDocument], eos_id: int, device) -> list[
         ids[row, :len(doc.ids)] = torch.tensor(doc.ids)
     predictions = model(ids.to(device)).argmax(-1).cpu()  # [B, S]
     picks = {layer: p.cpu() for layer, p in model.indexer_picks().items()}
-    ratio = 4
+    ratio = CSA_RATIO  # CSA entry i pools groups i-1 and i
     out = []
     for row, doc in enumerate(docs):
         for answer, source in zip(doc.answers, doc.sources):
