@@ -12,13 +12,14 @@ Attention phases for CSA layers (set from the training schedule):
   "dense"           attend to every visible compressed entry; indexer idle
   "indexer_warmup"  attention as "dense"; the indexer learns from the dense KL loss
   "sparse"          attend to the indexer's top-k; the indexer learns from the sparse KL loss
-This module knows nothing of DeepSpeed or process groups.
+This module knows nothing of DeepSpeed or process groups: where a layer's rows and compressed entries come from
+(one device, a sequence-parallel shard, or the KV cache when decoding) is the plan's business (dsv4/parallel/plan.py),
+so the forward below is one path for all of them.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.compressor import Compressor, Indexer
@@ -26,28 +27,23 @@ from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
 from dsv4.ops.indexer.recall import indexer_recall
-from dsv4.ops.ranges import AttentionRanges, document_ranges, entry_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
-from dsv4.parallel.collectives import all_gather_sequence, all_gather_values, all_reduce_sum, shift_to_next_rank
+from dsv4.parallel.plan import LOCAL, document_mask
 from dsv4.rope import Rotary
 
 PHASES = ("dense", "indexer_warmup", "sparse")
 
 
 class AttentionOptions:
-    """Runtime choices that do not change parameters: backend, chunking, CSA phase, sequence parallelism."""
+    """Runtime choices that do not change parameters: backend, chunking, CSA phase, the plan (sequence parallelism)."""
 
     def __init__(self, backend: str = "torch", chunk_size: int = 128, phase: str = "sparse",
                  deterministic: bool = True) -> None:
         self.backend, self.chunk_size, self.phase = backend, chunk_size, phase
         self.deterministic = deterministic  # Triton backward: fixed-order dK=V (else fp32 atomics)
-        self.sp = None  # dsv4.parallel.SequenceParallel, injected by the trainer (None: one device)
+        self.plan = LOCAL  # where a layer's rows come from (dsv4/parallel/plan.py); the trainer sets SP's plan
         self.collect_stats = False  # record sink mass / indexer recall on the next forward (logging steps)
         self.keep_picks = False  # keep each CSA layer's top-k picks of the next forward (evaluation: hit rates)
-
-    @property
-    def sequence_parallel(self):
-        return self.sp if self.sp is not None and self.sp.world > 1 else None
 
 
 class V4Attention(nn.Module):
@@ -78,73 +74,47 @@ class V4Attention(nn.Module):
         if self.kind == "csa":
             self.indexer = Indexer(cfg, self.ratio)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False,
+                cache=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: [B, S, d]. positions: [S] absolute positions (start_pos + arange(S)); or, with documents=True,
         [B, S] positions inside each packed document (0 at each document start: attention, compressor groups
-        and RoPE restart there). Returns (output [B, S, d], indexer loss or None)."""
+        and RoPE restart there); or, with a cache (decoding, dsv4.inference), [B, S] absolute positions continuing
+        each cached sequence. Returns (output [B, S, d], indexer loss or None).
+
+        The rows and entries come from the plan (options.plan: one device or sequence parallelism) or from the
+        cache, both with the interface of dsv4/parallel/plan.py: the steps below are the same for all three."""
         cfg, opts = self.cfg, self.options
-        batch, seq_len, _ = x.shape
-        ranges, starts = None, None
-        sp = opts.sequence_parallel
-        sp_docs = None
-        if documents and sp is None:
-            starts = group_starts(positions, self.ratio) if self.ratio else None
-            ranges = document_ranges(positions, cfg.sliding_window, self.ratio, starts)
-        doc_positions = positions if documents else None
         q, q_latent = self.queries(x, positions)
         kv = self.kv_rows(x, positions)
+        rows = (cache if cache is not None else opts.plan).prepare(self, x, kv, positions, start_pos, documents)
+        compressed = rows.entries() if self.ratio else None  # [B, N, c]
+        if compressed is not None and compressed.shape[1] == 0:
+            compressed = None
 
-        compressed = None
-        topk_idx = None
-        index = None
-        x_prefixed = None
-        if sp is not None and documents:  # as below, with groups and windows that follow the documents
-            sp_docs = _SPDocuments(self, x, kv, positions, sp)
-            kv, x_prefixed, ranges = sp_docs.kv, sp_docs.x_prefixed, sp_docs.ranges
-            doc_positions, starts = sp_docs.positions_prefixed, sp_docs.local_starts
-        elif sp is not None:  # local queries; K=V rows = [previous rank's last window-1 rows | ours]
-            kv, x_prefixed, ranges = self._sequence_parallel_inputs(x, kv, sp)
-        if self.ratio:
-            if sp_docs is not None:  # this rank's groups, gathered from every rank in sequence order
-                compressed = sp_docs.gather(self.compressor(x_prefixed, self.rotary, start_pos, doc_positions, starts))
-            elif sp is not None:  # compress our own groups, then gather every rank's entries (in rank order)
-                compressed = all_gather_sequence(self._local_entries(x, x_prefixed, start_pos, sp), sp)
-            else:
-                compressed = self.compressor(x, self.rotary, start_pos, doc_positions, starts)  # [B, N, c]
-            if compressed.shape[1] == 0:
-                compressed = None
+        index = topk_idx = None
         if self.kind == "csa" and compressed is not None and opts.phase in ("indexer_warmup", "sparse"):
-            index = self.indexer(x, q_latent, self.rotary, positions, start_pos, doc_positions, starts, x_prefixed,
-                                 sp is None or sp.rank > 0)
-            if sp_docs is not None:
-                index = (index[0], sp_docs.gather(index[1]), index[2])
-            elif sp is not None:
-                index = (index[0], all_gather_sequence(index[1], sp), index[2])
+            index = (self.indexer.queries(q_latent.detach(), self.rotary, positions), rows.index_keys(),
+                     self.indexer.head_weights(x.detach()))
             if opts.phase == "sparse":
                 topk_idx = indexer_topk(*index, ratio=self.ratio, topk=cfg.index_topk, backend=opts.backend,
-                                        chunk_size=opts.chunk_size, ranges=ranges)
+                                        chunk_size=opts.chunk_size, ranges=rows.ranges)
 
-        out, lse = v4_attention(q, kv, self.attn_sink, cfg.sliding_window, self.softmax_scale,
-                                compressed_kv=compressed, ratio=self.ratio, topk_idx=topk_idx,
+        attended, attended_idx = rows.narrow(compressed, topk_idx)  # a one-token decode reads only its picks
+        out, lse = v4_attention(q, rows.kv, self.attn_sink, cfg.sliding_window, self.softmax_scale,
+                                compressed_kv=attended, ratio=self.ratio, topk_idx=attended_idx,
                                 backend=opts.backend, chunk_size=opts.chunk_size,
-                                deterministic=opts.deterministic, ranges=ranges)  # [B, S, H, c]
+                                deterministic=opts.deterministic, ranges=rows.ranges)  # [B, S, H, c]
 
         indexer_loss = None
         if index is not None and self.training:
-            count_reduce = None
-            if sp is not None:
-                def count_reduce(n: int) -> int:
-                    return int(all_reduce_sum(torch.tensor(n, device=x.device), sp))
             indexer_loss = indexer_kl_loss(q, compressed, lse, *index, ratio=self.ratio,
                                            softmax_scale=self.softmax_scale, topk_idx=topk_idx,
-                                           backend=opts.backend, chunk_size=opts.chunk_size, ranges=ranges,
-                                           count_reduce=count_reduce)
-            if sp is not None:  # keep the gathered keys in the graph on every rank: same backward collectives
-                indexer_loss = indexer_loss + 0.0 * index[1].sum()
+                                           backend=opts.backend, chunk_size=opts.chunk_size, ranges=rows.ranges,
+                                           count_reduce=rows.count_reduce)
+            indexer_loss = rows.keep_in_graph(indexer_loss, index[1])
 
         if opts.collect_stats:
-            self._record_stats(q, compressed, lse, topk_idx, ranges)
+            self._record_stats(q, compressed, lse, topk_idx, rows.ranges)
         self.picks = topk_idx if opts.keep_picks else None
 
         return self.project_out(out, positions), indexer_loss
@@ -177,116 +147,6 @@ class V4Attention(nn.Module):
             self.stats["indexer_recall"] = indexer_recall(q, compressed, lse, topk_idx, self.ratio,
                                                           self.softmax_scale, ranges, self.options.chunk_size)
 
-    def _sequence_parallel_inputs(self, x: torch.Tensor, kv: torch.Tensor, sp):
-        """Halo exchange and per-query ranges for this rank's shard (see dsv4/parallel)."""
-        batch, seq_len, _ = x.shape
-        window, halo = self.cfg.sliding_window, self.cfg.sliding_window - 1
-        if seq_len < max(halo, self.ratio):
-            raise ValueError(f"sequence parallelism: shard length {seq_len} must be >= sliding_window - 1 "
-                             f"({halo}) and >= the compression ratio ({self.ratio})")
-        kv, row, window_lo = _halo_and_window(kv, sp, window)
-        x_prefixed = None
-        if self.ratio == CSA_RATIO:  # the first entry's lookback series comes from the previous rank's last group
-            x_prefixed = torch.cat((shift_to_next_rank(x[:, seq_len - self.ratio:], sp), x), dim=1)
-        t = row - halo
-        cmp_hi = (sp.start + t + 1) // self.ratio if self.ratio else torch.zeros_like(t)
-        ranges = AttentionRanges(window_lo.int(), row.int(), torch.zeros_like(t).int(), cmp_hi.int())
-        return kv, x_prefixed, ranges
-
-    def _local_entries(self, x, x_prefixed, start_pos: int, sp) -> torch.Tensor:
-        if x_prefixed is None:  # HCA: groups never straddle ranks, no lookback
-            return self.compressor(x, self.rotary, start_pos)
-        return self.compressor(x_prefixed, self.rotary, start_pos - self.ratio, prefix=True,
-                               prefix_valid=sp.rank > 0)
-
-
-def _halo_and_window(kv: torch.Tensor, sp, window: int, doc_positions: torch.Tensor | None = None):
-    """Sequence parallelism: K=V rows [previous rank's last window-1 rows | ours] -> (those rows, our queries' rows
-    among them [B, L], the first row of each query's window [B, L]). The window stops at the document start when
-    doc_positions are given; on rank 0 the halo holds the last rank's rows and is never visible."""
-    batch, seq_len, _ = kv.shape
-    halo = window - 1
-    if halo:
-        kv = torch.cat((shift_to_next_rank(kv[:, seq_len - halo:], sp), kv), dim=1)
-    row = halo + torch.arange(seq_len, device=kv.device)[None].expand(batch, -1)
-    window_lo = row - window + 1
-    if doc_positions is not None:
-        window_lo = torch.maximum(window_lo, row - doc_positions)
-    if sp.rank == 0:
-        window_lo = window_lo.clamp(min=halo)
-    return kv, row, window_lo
-
-
-class _SPDocuments:
-    """Sequence parallelism with document masking, for one V4 layer on one rank (shard of L tokens).
-
-    Groups start at document positions that are multiples of the ratio, so they may straddle two ranks: a group
-    belongs to the rank holding its last token, which compresses it from its own rows plus a prefix of the
-    previous rank's last rows (2*ratio-1 for CSA: a straddling group and its lookback; ratio-1 for HCA). Ranks
-    own different numbers of entries: each pads to the largest count, the padded entries are all-gathered, and
-    every rank compacts them into sequence order (the same entry list as one device). Windows stop at document
-    starts; per-query ranges index the K=V rows [halo | ours] and the compacted entries."""
-
-    def __init__(self, layer: V4Attention, x: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, sp) -> None:
-        cfg, r = layer.cfg, layer.ratio
-        batch, seq_len, _ = x.shape
-        window, halo = cfg.sliding_window, cfg.sliding_window - 1
-        prefix = (2 * r - 1 if r == CSA_RATIO else r - 1) if r else 0
-        if seq_len < max(halo, prefix, r):
-            raise ValueError(f"sequence parallelism with document masking: shard length {seq_len} must be >= "
-                             f"sliding_window - 1 ({halo}), the ratio ({r}) and the compressor prefix ({prefix})")
-        self.sp = sp
-        self.kv, row, window_lo = _halo_and_window(kv, sp, window, positions)
-        t = row - halo
-        self.x_prefixed = self.positions_prefixed = self.local_starts = None
-        cmp_lo = cmp_hi = torch.zeros_like(t)
-        if r:
-            self.x_prefixed = torch.cat((shift_to_next_rank(x[:, seq_len - prefix:], sp), x), dim=1)
-            before = shift_to_next_rank(positions[:, seq_len - prefix:].float(), sp).long()
-            if sp.rank == 0:  # the last rank's rows: no group may start there
-                before = torch.full_like(before, -1)
-            self.positions_prefixed = torch.cat((before, positions), dim=1)
-            n_rows = prefix + seq_len
-            starts = group_starts(self.positions_prefixed, r)  # rows of the prefixed shard, padded with n_rows
-            mine = (starts >= prefix - r + 1) & (starts < n_rows)  # groups that end in our rows
-            counts = mine.sum(1)
-            all_counts = all_gather_values(counts, sp)  # [world, B]
-            width = int(all_counts.max())
-            order = torch.argsort((~mine).to(torch.int8), dim=1, stable=True)
-            ours = torch.arange(starts.shape[1], device=x.device)[None] < counts[:, None]
-            local = torch.where(ours, starts.gather(1, order), n_rows)
-            local = F.pad(local, (0, max(0, width - local.shape[1])), value=n_rows)[:, :width]
-            self.local_starts = local
-            total_rows = sp.world * seq_len
-            self.index = torch.zeros(batch, 0, dtype=torch.long, device=x.device)
-            if width == 0:  # no complete group on any rank (every rank knows: the counts are shared)
-                self.ranges = AttentionRanges(window_lo.int(), row.int(), cmp_lo.int(), cmp_hi.int())
-                return
-            global_starts = all_gather_values(torch.where(local < n_rows, local - prefix + sp.start, total_rows), sp)
-            # compaction: for each batch row, rank k's first counts[k] entries, in rank order
-            j = torch.arange(width, device=x.device)
-            valid = (j[None, None, :] < all_counts[:, :, None]).permute(1, 0, 2).reshape(batch, -1)
-            flat = (torch.arange(sp.world, device=x.device)[:, None] * width + j[None, :]).reshape(-1)
-            self.total = valid.sum(1)
-            n_total = int(self.total.max()) if batch else 0
-            keep = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :n_total]
-            self.index = flat[keep]  # [B, n_total] positions in the gathered [B, world * width] entries
-            self.present = torch.arange(n_total, device=x.device)[None] < self.total[:, None]
-            gathered_starts = global_starts.permute(1, 0, 2).reshape(batch, -1).gather(1, self.index)
-            entry_starts = torch.where(self.present, gathered_starts, total_rows)
-            t_global = sp.start + t
-            cmp_lo, cmp_hi = entry_ranges(entry_starts, total_rows, r, t_global - positions, t_global)
-        self.ranges = AttentionRanges(window_lo.int(), row.int(), cmp_lo.int(), cmp_hi.int())
-
-    def gather(self, local_entries: torch.Tensor) -> torch.Tensor:
-        """This rank's entries [B, width, c] -> every rank's, compacted in sequence order [B, N, c]
-        (differentiable: the backward of the gather sends each rank its entries' gradients)."""
-        if self.index.shape[1] == 0:
-            return local_entries[:, :0]
-        everyone = all_gather_sequence(local_entries, self.sp)  # [B, world * width, c]
-        picked = everyone.gather(1, self.index[..., None].expand(-1, -1, everyone.shape[-1]))
-        return picked * self.present[..., None].to(picked.dtype)
-
 
 class DenseAttention(nn.Module):
     """Plain causal GQA attention through SDPA (compress_ratios entry -1), the comparison baseline."""
@@ -302,27 +162,19 @@ class DenseAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, cfg.rope_theta, None)
         self.options = options
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False
-                ) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False,
+                cache=None) -> tuple[torch.Tensor, None]:
+        """As V4Attention.forward: the plan runs the attention (SDPA, or Ulysses under sequence parallelism);
+        a cache (decoding) supplies every earlier key and value and which of them each query sees."""
         batch, seq_len, _ = x.shape
         q, k, v = self.projections(x, positions)
-        sp = self.options.sequence_parallel if self.options is not None else None
         mask = None
-        if documents:  # causal AND same document: [B, 1, S, S] over the whole sequence
-            if sp is not None:
-                positions = all_gather_values(positions, sp).permute(1, 0, 2).reshape(batch, -1)
-            doc = torch.cumsum(positions == 0, dim=1)
-            total = positions.shape[1]
-            causal = torch.ones(total, total, dtype=torch.bool, device=x.device).tril()
-            mask = (causal[None] & (doc[:, :, None] == doc[:, None, :]))[:, None]
-        if sp is not None:
-            from dsv4.parallel.ulysses import ulysses_attention
-
-            return self.wo(ulysses_attention(q, k, v, sp, mask).reshape(batch, seq_len, -1)), None
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_kv != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1)), None
+        if cache is not None:
+            k, v, mask = cache.keys_values(k, v, positions)
+        elif documents:  # causal AND same document: [B, 1, S, S] over the whole sequence
+            mask = document_mask(self.options.plan.sequence_positions(positions))
+        out = (self.options.plan if cache is None else LOCAL).dense_attention(q, k, v, mask)  # [B, S, H, d]
+        return self.wo(out.reshape(batch, seq_len, -1)), None
 
     def projections(self, x: torch.Tensor, positions: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

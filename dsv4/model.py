@@ -1,7 +1,7 @@
 """The decoder: embeddings, pre-norm blocks (V4 attention or dense baseline + SwiGLU MLP), LM head.
 
-Parallelism-free: it knows nothing of DeepSpeed or process groups. The MLP is dense (no MoE), and the
-residual is a single stream (no mHC): the attention is what this project is about.
+Parallelism-free: it knows nothing of DeepSpeed, process groups or shards (the plan in dsv4/parallel/ does).
+The MLP is dense (no MoE), and the residual is a single stream (no mHC): the attention is what this project is about.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dsv4.compressor import Compressor
 from dsv4.config import ModelConfig
 from dsv4.layers import GroupedLinear, RMSNorm, SwiGLU
 from dsv4.ops.v4_attention import BACKENDS
+from dsv4.parallel import plan_for
 
 IGNORE_INDEX = -100
 
@@ -39,8 +40,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int, documents: bool):
-        attn_out, indexer_loss = self.attn(self.attn_norm(x), positions, start_pos, documents)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int, documents: bool, cache=None):
+        attn_out, indexer_loss = self.attn(self.attn_norm(x), positions, start_pos, documents, cache)
         x = x + attn_out
         return x + self.ffn(self.ffn_norm(x)), indexer_loss
 
@@ -109,24 +110,24 @@ class DSV4Model(nn.Module):
     def set_sequence_parallel(self, sp) -> None:
         """Inject a dsv4.parallel.SequenceParallel (None: one device). Each rank then feeds its own shard of
         every sequence; positions, masks and compression groups use global positions."""
-        self.options.sp = sp
+        self.options.plan = plan_for(sp)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, start_pos: int = 0,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, cache=None):
         """input_ids [B, S] -> logits [B, S, vocab]; with labels [B, S] (already shifted, -100 = ignore)
         -> ModelOutput. start_pos: absolute position of the first token.
 
         positions [B, S] (optional): packed documents with document masking. Each token's position inside
         its document, 0 at every document start; attention never crosses a document boundary, compressor
-        groups and RoPE restart at each document, so each document is processed as if it were alone."""
+        groups and RoPE restart at each document, so each document is processed as if it were alone.
+
+        cache (decoding; a dsv4.inference.ModelCache): input_ids continue each cached sequence; every layer reads
+        its earlier rows from the cache and adds the new ones (the caller advances cache.lengths)."""
         documents = positions is not None
-        sp = self.options.sequence_parallel
-        if sp is not None:
-            if input_ids.shape[1] != sp.shard_len:
-                raise ValueError(f"sequence parallelism: rank {sp.rank} got {input_ids.shape[1]} tokens, expected "
-                                 f"its shard of {sp.shard_len}")
-            start_pos = sp.start
-        if documents:
+        start_pos = self.options.plan.shard_start(input_ids, start_pos)
+        if cache is not None:  # each sequence continues at its own cached length
+            positions = cache.lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+        elif documents:
             if positions.shape != input_ids.shape:
                 raise ValueError(f"positions {tuple(positions.shape)} must match input_ids {tuple(input_ids.shape)}")
             positions = positions.to(input_ids.device).long()
@@ -134,8 +135,9 @@ class DSV4Model(nn.Module):
             positions = start_pos + torch.arange(input_ids.shape[1], device=input_ids.device)
         x = self.embed(input_ids)
         indexer_losses = []
-        for layer in self.layers:
-            x, indexer_loss = layer(x, positions, start_pos, documents)
+        layer_caches = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, layer_cache in zip(self.layers, layer_caches):
+            x, indexer_loss = layer(x, positions, start_pos, documents, layer_cache)
             if indexer_loss is not None:
                 indexer_losses.append(indexer_loss)
         logits = self.head(self.norm(x))

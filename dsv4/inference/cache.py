@@ -22,6 +22,7 @@ import torch
 from dsv4.attention import DenseAttention, V4Attention
 from dsv4.compressor import Compressor
 from dsv4.inference.storage import RowBuffer, RowLayout, index_key_layout, kv_layout
+from dsv4.ops.ranges import AttentionRanges
 from dsv4.rope import Rotary
 
 
@@ -140,6 +141,70 @@ class V4LayerCache:
     def states(self) -> list[CompressorState]:
         return [s for s in (self.compressor, self.indexer) if s is not None]
 
+    def prepare(self, attn: V4Attention, x: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, start_pos: int,
+                documents: bool) -> CachedRows:
+        """The layer's rows for new tokens x [B, T, d] at positions [B, T] (the plan interface of
+        dsv4/parallel/plan.py): the cache takes the new tokens in, then serves the rows and entries they read."""
+        return CachedRows(self, attn, x, kv, positions)
+
+
+class CachedRows:
+    """What the queries of one decoding step read from a V4 layer's cache. Building it adds the new tokens: their
+    K=V rows enter the ring, and the compressor and indexer states take them in (emitting each entry whose group
+    closes). Per-query ranges cover [the ring's W-1 rows before the first new token | the new rows] and the
+    entries whose group has closed by each query."""
+
+    count_reduce = None
+
+    def __init__(self, cache: V4LayerCache, attn: V4Attention, x: torch.Tensor, kv: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+        self.cache = cache
+        kv = cache.ring.layout.roundtrip(kv)  # [B, T, c] as the ring will hold them
+        self.kv, window_lo, window_hi = self._window_rows(kv, positions)
+        start, cmp_hi = positions[:, 0], torch.zeros_like(positions)
+        if cache.compressor is not None:
+            cache.compressor.extend(attn.compressor, attn.rotary, x, start)
+            cmp_hi = (positions + 1) // attn.ratio  # entry i is visible once its group has closed
+        if cache.indexer is not None:
+            cache.indexer.extend(attn.indexer.compressor, attn.rotary, x, start)
+        self.ranges = AttentionRanges(window_lo.int(), window_hi.int(), torch.zeros_like(cmp_hi).int(),
+                                      cmp_hi.int())
+
+    def _window_rows(self, kv: torch.Tensor, positions: torch.Tensor):
+        """K=V rows for the new queries: [the ring's W-1 rows before the first new token, in position order | the
+        new rows] [B, W-1+T, c], and each query's window [lo, hi] among them. Then the new rows enter the ring."""
+        ring, window, n_new = self.cache.ring, self.cache.window, kv.shape[1]
+        start = positions[:, 0]
+        before = start[:, None] + torch.arange(1 - window, 0, device=kv.device)  # [B, W-1] positions
+        rows = torch.cat((ring.read(index=before % window), kv), dim=1)
+        t = torch.arange(n_new, device=kv.device)[None]  # row of query t: W-1+t; its window starts at row t
+        window_lo = torch.maximum(t, (window - 1 - start)[:, None])  # no row before position 0
+        window_hi = (window - 1 + t).expand(kv.shape[0], -1)
+        keep = min(n_new, window)  # the ring keeps the newest W rows
+        ring.write(kv[:, n_new - keep:], positions[:, n_new - keep:] % window)
+        return rows, window_lo, window_hi
+
+    def entries(self) -> torch.Tensor | None:
+        return self.cache.compressor.read_entries()
+
+    def index_keys(self) -> torch.Tensor | None:
+        return self.cache.indexer.read_entries()
+
+    def narrow(self, compressed: torch.Tensor | None, topk_idx: torch.Tensor | None):
+        """A one-token step reads (and, in fp8, dequantizes) only its k picked entries [B, k, c], picks renumbered
+        0..k-1 (-1 stays "no key"); a longer step reads them all. Keeps the picks for the tests."""
+        self.cache.last_topk = topk_idx
+        if topk_idx is None or topk_idx.shape[1] != 1:
+            return compressed, topk_idx
+        picks = topk_idx[:, 0]  # [B, k]
+        picked = self.cache.compressor.entries.read(index=picks.clamp(min=0))
+        renumbered = torch.arange(picks.shape[1], device=picks.device).expand_as(picks)
+        return picked, torch.where(picks >= 0, renumbered, -1)[:, None]
+
+    @staticmethod
+    def keep_in_graph(loss: torch.Tensor, index_keys: torch.Tensor) -> torch.Tensor:
+        return loss
+
 
 class DenseLayerCache:
     """Plain K and V rows [B, T, n_kv * d] of a dense baseline layer, in the model's dtype."""
@@ -148,6 +213,19 @@ class DenseLayerCache:
         layout = RowLayout(attn.n_kv * attn.head_dim, dtype)
         self.keys = RowBuffer(layout, batch, 0, device, growable=True)
         self.values = RowBuffer(layout, batch, 0, device, growable=True)
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append the new k, v [B, T, n_kv, d] at positions [B, T]; -> every cached key and value [B, L, n_kv, d]
+        and which of them each new query sees [B, 1, T, L] (its own and earlier positions)."""
+        batch, _, n_kv, head_dim = k.shape
+        self.keys.write(k.flatten(2), positions)
+        self.values.write(v.flatten(2), positions)
+        n_keys = int(positions.max()) + 1
+        keys = self.keys.read(n_keys).view(batch, n_keys, n_kv, head_dim)
+        values = self.values.read(n_keys).view(batch, n_keys, n_kv, head_dim)
+        visible = torch.arange(n_keys, device=k.device)[None, None, :] <= positions[..., None]  # [B, T, L]
+        return keys, values, visible[:, None]
 
 
 class ModelCache:

@@ -8,10 +8,20 @@ Each rank of a sequence-parallel (SP) group holds one contiguous shard of every 
     CSA, the hidden states of its last group (the next rank's first entry reads their lookback series)
     to the next rank.
 Both collectives are autograd functions (all-gather <-> reduce-scatter, shift forward <-> shift back),
-and every rank issues them with the same shapes in the same order. `SequenceParallel` is injected into
-the model; the attention code never imports DeepSpeed.
+and every rank issues them with the same shapes in the same order. The layer sees none of this: it asks a
+plan (plan.py: the interface and the single-device plan; sequence.py: the sequence-parallel plan) for its rows
+and entries; `plan_for(sp)` is what the model is given. The attention code never imports DeepSpeed.
 """
 
 from dsv4.parallel.collectives import SequenceParallel, all_gather_sequence, shift_to_next_rank
+from dsv4.parallel.plan import LOCAL, LocalPlan
+from dsv4.parallel.sequence import SequencePlan
 
-__all__ = ["SequenceParallel", "all_gather_sequence", "shift_to_next_rank"]
+
+def plan_for(sp: SequenceParallel | None) -> LocalPlan | SequencePlan:
+    """The plan for one rank: the single-device plan unless the sequence is sharded over several ranks."""
+    return SequencePlan(sp) if sp is not None and sp.world > 1 else LOCAL
+
+
+__all__ = ["LOCAL", "LocalPlan", "SequenceParallel", "SequencePlan", "all_gather_sequence", "plan_for",
+           "shift_to_next_rank"]
