@@ -40,19 +40,19 @@ def test_inspect_refuses_bad_samples_and_overrides_it_does_not_read(capsys):
 
 
 def test_evaluate_prints_progress_and_says_why_fewer_batches(capsys, monkeypatch):
-    import dsv4.evaluate as ev
     from dsv4.evaluation.data import RunSettings
+    from dsv4.evaluation.tasks import validation
 
-    monkeypatch.setattr(ev, "validation_batches", lambda *a: ([{}] * 8, "bundled (held-out split)"))
-    monkeypatch.setattr(ev, "evaluate_batches", lambda *a: {"loss": 1.0})
+    monkeypatch.setattr(validation, "validation_batches", lambda *a: ([{}] * 8, "bundled (held-out split)"))
+    monkeypatch.setattr(validation, "evaluate_batches", lambda *a: {"loss": 1.0})
     loaded = SimpleNamespace(model=None, config=SimpleNamespace(sliding_window=64))
     settings = RunSettings(seq_len=512, micro_batch=8, eval_batches=4)
-    assert ev.loss_tasks(loaded, settings, None, 16, None, None)["loss"] == 1.0
+    assert validation.loss_tasks(loaded, settings, None, 16, None, None)["loss"] == 1.0
     out = capsys.readouterr()
     assert out.out == ""  # stdout (the tables) unchanged
     assert "ppl/positions: 16 batches of 8 x 512 tokens" in out.err
     assert "--batches 16: asked for 16 batches" in out.err and "holds only 8" in out.err
-    ev.loss_tasks(loaded, settings, None, 8, None, None)
+    validation.loss_tasks(loaded, settings, None, 8, None, None)
     assert "holds only" not in capsys.readouterr().err  # all there: no such line
 
 

@@ -146,24 +146,3 @@ def recall_task(loaded: Any, specs: dict[str, RecallSpec], count: int, seed: int
         records = score_recall(loaded.model, recall_documents(spec, loaded.tokenizer, count, seed), loaded.eos_id)
         tasks[name] = summarise(records, window, reach, spec)
     return {"documents": count, "seed": seed, "tasks": tasks}
-
-
-def format_recall(r: dict[str, Any]) -> list[str]:
-    lines = []
-    for name, t in r["tasks"].items():
-        s = t["spec"]
-        reach = (f"beyond the windows' reach ({t['reach']}) {_pct(t['beyond_reach']['accuracy'])} "
-                 f"of {t['beyond_reach']['answers']}" if t["reach"] else "dense layers: no reach limit")
-        lines.append(f"recall {name} ({s['task']}, {s['items']} items, gap {s['gap']}"
-                     f"{'-' + str(s['gap_max']) if s['gap_max'] else ''}; chance {t['chance']:.3f}): accuracy "
-                     f"{_pct(t['accuracy'])} | {reach}")
-        lines.append("  | distance | answers | accuracy |")
-        lines += [f"  | {b['name']} | {b['answers']} | {_pct(b['accuracy'])} |" for b in t["buckets"]]
-        for layer, h in t["indexer_hit_rate"].items():
-            lines.append(f"  indexer hit rate, layer {layer}: {_pct(h['hit_rate'])} "
-                         f"(random picks: {_pct(h['chance'])})")
-    return lines
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
