@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.corpus import bundled_split
 from data_pipelines.packed import DataError
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
@@ -91,11 +92,9 @@ class PasskeyStream:
 
     def __init__(self, spec: Any, split: str, lane: int, num_lanes: int, *, seed: int, val_fraction: float,
                  tokenizer: Any, state: dict[str, Any] | None = None) -> None:
-        from data_pipelines.sources import _bundled_split
-
         self.spec, self.split, self.settings = spec, split, spec.passkey
         self.tokenizer = tokenizer
-        train_docs, val_docs = _bundled_split(spec.files[0], val_fraction)
+        train_docs, val_docs = bundled_split(spec.files[0], val_fraction)
         self.filler = Filler(val_docs if split == "val" else train_docs, tokenizer, f"{spec.key}.path")
         self.rng = np.random.default_rng([seed, lane, num_lanes, int(split == "val"), 11])
         self.epoch, self.epoch_docs = 0, 0

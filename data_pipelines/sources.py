@@ -36,12 +36,12 @@ import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from data_pipelines.config import recall_spec
-from data_pipelines.packed import BUNDLED_CORPUS, DOC_SEPARATOR, DataError, read_documents, split_every_nth
+from data_pipelines.corpus import bundled_split
+from data_pipelines.packed import BUNDLED_CORPUS, DOC_SEPARATOR, DataError, read_documents
 from data_pipelines.passkey import PasskeySpec, PasskeyStream
 from data_pipelines.recall import RecallSpec, RecallStream
 
@@ -245,12 +245,6 @@ def _check_text_field(head: bytes, path: str, key: str, text_field: str) -> None
 
 # ---------------------------------------------------------------- opening a source as a streaming dataset
 
-@lru_cache(maxsize=4)
-def _bundled_split(path: str, val_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    train, val = split_every_nth(read_documents(Path(path)), val_fraction)
-    return tuple(train), tuple(val)
-
-
 def epoch_file_order(num_files: int, seed: int, epoch: int) -> list[int]:
     """The order a source's files are read in this training epoch: seeded by (seed, epoch), so it is the same on
     every rank and lane (they split the reordered shards between them) and after a resume (the epoch is saved)."""
@@ -268,7 +262,7 @@ def open_dataset(spec: SourceSpec, split: str, *, epoch: int = 0, seed: int = 0,
     if spec.kind == "bundled":
         import numpy as np
 
-        train, val = _bundled_split(spec.files[0], val_fraction)
+        train, val = bundled_split(spec.files[0], val_fraction)
         docs = list(val or train[-1:]) if split == "val" else list(train)
         if split == "train":  # a seeded document order per epoch; the same on every rank and after resume
             order = np.random.default_rng([seed, epoch]).permutation(len(docs))
