@@ -36,18 +36,19 @@ def load_config(overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from data_pipelines.config import DataConfig, check_data_config, typed
+    from data_pipelines.config import DataConfig, check_data_config
     from data_pipelines.packed import DataError
+    from data_pipelines.schema import typed
 
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise DataError(f"{' '.join(overrides) or 'config'}: {_hydra_message(str(e))}") from None
-    data = typed(DataConfig, cfg.data, "data")
+    data = typed(DataConfig, cfg.data, "data", DataError)
     check_data_config(data)
     keys = [f.name for f in fields(TrainSettings)]
-    train = typed(TrainSettings, OmegaConf.masked_copy(cfg.train, keys), "train")
+    train = typed(TrainSettings, OmegaConf.masked_copy(cfg.train, keys), "train", DataError)
     for key in keys:
         if key != "seed" and getattr(train, key) < 1:
             raise DataError(f"train.{key}={getattr(train, key)!r}: must be >= 1")
