@@ -46,6 +46,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 CORPUS_PATH = BUNDLED_DIR / "corpus.txt.gz"
 TOKENIZER_PATH = BUNDLED_DIR / "tokenizer.json"
@@ -455,8 +457,6 @@ def build_corpus(args: argparse.Namespace) -> None:
 
 
 def train_tokenizer(args: argparse.Namespace) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     docs = read_documents(args.corpus)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -9,39 +9,25 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from data_pipelines.packed import DataError
+from data_pipelines.passkey import PasskeySpec
 from data_pipelines.recall import RecallSpec
+from data_pipelines.schema import config_schema
 
 SOURCE_KINDS = ("bundled", "files", "hub", "passkey", "recall")
 FILE_FORMATS = ("auto", "json", "parquet", "text")
 
 
-@dataclass
-class PasskeyConfig:
-    """kind: passkey -- synthetic retrieval documents (data_pipelines/passkey.py) over bundled-corpus filler."""
-    digits: int = 5  # key length
-    min_tokens: int = 64  # document length in tokens, uniform in [min_tokens, max_tokens]
-    max_tokens: int = 512
-    val_documents: int = 32  # documents in the validation split
+PasskeyConfig = config_schema(
+    PasskeySpec, "PasskeyConfig", __name__,
+    """kind: passkey -- synthetic retrieval documents (data_pipelines/passkey.py) over bundled-corpus filler.
+    Its keys, types and defaults are PasskeySpec's (defined there once, with what each means).""")
 
 
-@dataclass
-class RecallConfig:
+RecallConfig = config_schema(
+    RecallSpec, "RecallConfig", __name__,
     """kind: recall -- synthetic recall documents (data_pipelines/recall.py), given as token ids with a loss mask.
-    The fields and defaults of RecallSpec, which checks them (a frozen dataclass cannot be a config node)."""
-    task: str = "mqar"  # copy | mqar | passkey
-    items: int = 8  # mqar: key-value pairs; copy: string length; passkey: digits of the key
-    num_keys: int = 32  # mqar: key symbols (keys of a document are distinct)
-    num_values: int = 16  # values (mqar), string symbols (copy), digit symbols (passkey)
-    gap: int = 64  # filler tokens between the context and the queries
-    gap_max: int | None = None  # null: always `gap`; else uniform in [gap, gap_max]
-    layout: str = "aligned"  # mqar: aligned (each pair alone at the start of its group) | packed (back to back)
-    group: int = 4  # mqar aligned: tokens per pair slot (4: one CSA compression group)
-    filler: str = "fixed"  # fixed (one filler token) | random (uniform over 16 filler symbols)
-    loss: str = "answers"  # answers (loss only on the answer tokens) | all
-    val_documents: int = 64  # documents in the validation split (a fixed set; training is endless)
+    Its keys, types and defaults are RecallSpec's (defined there once, with what each means), which checks them.""")
 
 
 def recall_spec(settings: Any) -> RecallSpec:
@@ -87,17 +73,6 @@ class DataConfig:
     on_bad_row: str = "skip"  # skip (and count) | raise: malformed rows and rows without the text field
     seed: int | None = None  # mixture and shuffle seed; null: train.seed
 
-
-
-def typed(schema: type, node: Any, prefix: str, error: type[Exception] = DataError):
-    """Merge a config node into a dataclass schema; unknown keys and wrong types raise `error` naming the key."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-        return OmegaConf.to_object(merged)
-    except Exception as e:  # omegaconf errors carry full_key
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
-        raise error(f"{prefix}.{key}: {msg}" if key else f"{prefix}: {msg}") from None
 
 
 def check_data_config(data: DataConfig) -> None:

@@ -17,37 +17,43 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from data_pipelines.config import DataConfig, check_data_config
+from data_pipelines.packed import DataError
+from data_pipelines.pipeline import StreamingData, describe_stats, prepare_data
+from data_pipelines.schema import typed
+from data_pipelines.tokenizer import load_tokenizer
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The train group every run composes (conf/config.yaml: `train: default`): its values are the defaults below, read
+# rather than copied, so a composed config without one of these keys still reads as training would.
+TRAIN_DEFAULTS = OmegaConf.load(CONF_DIR / "train" / "default.yaml")
 
 
 @dataclass
 class TrainSettings:
-    """The train.* keys that shape what the data pipeline produces."""
-    seq_len: int = 512
-    micro_batch_size: int = 8
-    seed: int = 1234
-    eval_batches: int = 4
+    """The train.* keys that shape what the data pipeline produces (defaults: conf/train/default.yaml)."""
+    seq_len: int = TRAIN_DEFAULTS.seq_len
+    micro_batch_size: int = TRAIN_DEFAULTS.micro_batch_size
+    seed: int = TRAIN_DEFAULTS.seed
+    eval_batches: int = TRAIN_DEFAULTS.eval_batches
 
 
 def load_config(overrides: list[str]):
     """(DataConfig, TrainSettings) composed from conf/ like train.py does; every mistake a DataError naming it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from data_pipelines.config import DataConfig, check_data_config, typed
-    from data_pipelines.packed import DataError
-
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             cfg = compose("config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise DataError(f"{' '.join(overrides) or 'config'}: {_hydra_message(str(e))}") from None
-    data = typed(DataConfig, cfg.data, "data")
+    data = typed(DataConfig, cfg.data, "data", DataError)
     check_data_config(data)
     keys = [f.name for f in fields(TrainSettings)]
-    train = typed(TrainSettings, OmegaConf.masked_copy(cfg.train, keys), "train")
+    train = typed(TrainSettings, OmegaConf.masked_copy(cfg.train, keys), "train", DataError)
     for key in keys:
         if key != "seed" and getattr(train, key) < 1:
             raise DataError(f"train.{key}={getattr(train, key)!r}: must be >= 1")
@@ -87,10 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(f'train.{f.name}' for f in fields(TrainSettings))}); this override changes nothing "
                   "here", file=sys.stderr)
             return 2
-
-    from data_pipelines.packed import DataError
-    from data_pipelines.pipeline import StreamingData, describe_stats, prepare_data
-    from data_pipelines.tokenizer import load_tokenizer
 
     overrides = [a if "=" in a else f"data={a}" for a in args.config]
     try:

@@ -11,7 +11,8 @@ the training source (`PasskeyStream`, a `data.sources` entry of kind `passkey`) 
 
 A `PasskeyStream` behaves like a `DocumentStream` (sources.py): one lane's documents as text, seeded by (seed, lane,
 split), and resumes exactly from its state (the generator's state and the count); the state also records the
-source's settings, so resuming with other settings stops with a message naming the key.
+source's settings, so resuming with other settings stops with a message naming the key (all of it from
+SyntheticStream, synthetic.py, which the recall source shares).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.corpus import bundled_split
 from data_pipelines.packed import DataError
+from data_pipelines.synthetic import SyntheticStream
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -86,38 +89,22 @@ def split_at_depth(num_filler: int, depth: float) -> int:
     return int(round(min(max(depth, 0.0), 1.0) * num_filler))
 
 
-class PasskeyStream:
-    """One lane's passkey documents, as text (the DocumentStream interface: next_document, state_dict, skipped)."""
+class PasskeyStream(SyntheticStream):
+    """One lane's passkey documents, as text (seeding, resume and the validation set: SyntheticStream)."""
+
+    kind = "passkey"
+    seed_salt = 11
+    settings_layout = " as [digits, min_tokens, max_tokens, val_documents]"
 
     def __init__(self, spec: Any, split: str, lane: int, num_lanes: int, *, seed: int, val_fraction: float,
                  tokenizer: Any, state: dict[str, Any] | None = None) -> None:
-        from data_pipelines.sources import _bundled_split
-
-        self.spec, self.split, self.settings = spec, split, spec.passkey
         self.tokenizer = tokenizer
-        train_docs, val_docs = _bundled_split(spec.files[0], val_fraction)
+        train_docs, val_docs = bundled_split(spec.files[0], val_fraction)
         self.filler = Filler(val_docs if split == "val" else train_docs, tokenizer, f"{spec.key}.path")
-        self.rng = np.random.default_rng([seed, lane, num_lanes, int(split == "val"), 11])
-        self.epoch, self.epoch_docs = 0, 0
-        self.skipped = {"malformed": 0, "missing_field": 0, "empty": 0}
-        self.exhausted = False
-        if state:
-            self._load(state)
+        super().__init__(spec, split, lane, num_lanes, seed=seed, state=state)
 
-    def _load(self, state: dict[str, Any]) -> None:
-        saved = state.get("passkey")
-        if saved != self.settings.as_list():
-            raise DataError(f"{self.spec.key}.passkey changed since the checkpoint ({saved} -> "
-                            f"{self.settings.as_list()} as [digits, min_tokens, max_tokens, val_documents]); the "
-                            "data stream cannot resume exactly. Restore it, or start a new run")
-        self.rng.bit_generator.state = state["rng"]
-        self.epoch_docs = int(state["epoch_docs"])
-
-    def next_document(self) -> str | None:
-        """The next passkey document's text; None when the validation set is done."""
-        if self.split == "val" and self.epoch_docs >= self.settings.val_documents:
-            self.exhausted = True
-            return None
+    def make_document(self) -> str:
+        """A passkey document's text: filler, the needle at a random depth, more filler, the question, the key."""
         s = self.settings
         length = int(self.rng.integers(s.min_tokens, s.max_tokens + 1))
         depth = float(self.rng.random())
@@ -126,11 +113,6 @@ class PasskeyStream:
         num_filler = max(0, length - len(needle) - len(question) - len(answer))
         filler = self.filler.take(self.rng, num_filler)
         cut = split_at_depth(num_filler, depth)
-        self.epoch_docs += 1
         parts = (self.tokenizer.decode(filler[:cut]), NEEDLE.format(key=key), self.tokenizer.decode(filler[cut:]),
                  QUESTION)
         return " ".join(part.strip() for part in parts if part.strip()) + ANSWER.format(key=key)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "epoch_docs": self.epoch_docs, "hf": None, "skipped": dict(self.skipped),
-                "rng": self.rng.bit_generator.state, "passkey": self.settings.as_list()}

@@ -24,6 +24,7 @@ share a dp_rank, so they read the same samples).
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import select
@@ -225,8 +226,6 @@ def _exit_with(trainer_pid: int) -> None:
     workers exit, the forkserver sees the pipe close and exits too."""
     if sys.platform.startswith("linux") and os.getppid() == trainer_pid:  # fork / spawn: the kernel does it
         try:
-            import ctypes
-
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
             pass

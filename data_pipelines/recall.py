@@ -21,7 +21,8 @@ mixes with text sources and `python -m dsv4.evaluate RUN --tasks recall` works o
 merges in a BPE vocabulary and lose their meaning in text.
 
 `RecallStream` is a source like `DocumentStream` (sources.py): seeded by (seed, lane, split), resumable exactly
-from its state, and its documents are `TokenDocument`s (ids with a per-token loss mask) that packing carries.
+from its state (both from SyntheticStream, synthetic.py), and its documents are `TokenDocument`s (ids with a
+per-token loss mask) that packing carries.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from data_pipelines.packed import EOS_TOKEN, DataError
+from data_pipelines.synthetic import SyntheticStream
 
 TASKS = ("copy", "mqar", "passkey")
 LAYOUTS = ("aligned", "packed")
@@ -191,38 +193,16 @@ def _passkey(spec, symbols, rng, gap):
     return ids, list(range(start, start + spec.items)), list(range(first, first + spec.items))
 
 
-class RecallStream:
-    """One lane's recall documents (the DocumentStream interface: next_document, state_dict, skipped)."""
+class RecallStream(SyntheticStream):
+    """One lane's recall documents (TokenDocuments; seeding, resume and the validation set: SyntheticStream)."""
+
+    kind = "recall"
+    seed_salt = 13
 
     def __init__(self, spec: Any, split: str, lane: int, num_lanes: int, *, seed: int, tokenizer: Any,
                  state: dict[str, Any] | None = None) -> None:
-        self.spec, self.split, self.settings = spec, split, spec.recall
         self.symbols = Symbols(tokenizer)
-        # validation documents come from their own seed stream: never one of the training documents' draws
-        self.rng = np.random.default_rng([seed, lane, num_lanes, int(split == "val"), 13])
-        self.epoch, self.epoch_docs = 0, 0
-        self.skipped = {"malformed": 0, "missing_field": 0, "empty": 0}
-        self.exhausted = False
-        if state:
-            self._load(state)
+        super().__init__(spec, split, lane, num_lanes, seed=seed, state=state)
 
-    def _load(self, state: dict[str, Any]) -> None:
-        saved = state.get("recall")
-        if saved != self.settings.as_list():
-            raise DataError(f"{self.spec.key}.recall changed since the checkpoint ({saved} -> "
-                            f"{self.settings.as_list()}); the data stream cannot resume exactly. Restore it, or start "
-                            "a new run")
-        self.rng.bit_generator.state = state["rng"]
-        self.epoch_docs = int(state["epoch_docs"])
-
-    def next_document(self) -> TokenDocument | None:
-        """The next document; None when the validation set is done."""
-        if self.split == "val" and self.epoch_docs >= self.settings.val_documents:
-            self.exhausted = True
-            return None
-        self.epoch_docs += 1
+    def make_document(self) -> TokenDocument:
         return make_document(self.settings, self.symbols, self.rng)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "epoch_docs": self.epoch_docs, "hf": None, "skipped": dict(self.skipped),
-                "rng": self.rng.bit_generator.state, "recall": self.settings.as_list()}

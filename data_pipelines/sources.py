@@ -36,12 +36,14 @@ import lzma
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from data_pipelines.config import recall_spec
-from data_pipelines.packed import BUNDLED_CORPUS, DOC_SEPARATOR, DataError, read_documents, split_every_nth
+from data_pipelines.corpus import bundled_split
+from data_pipelines.packed import BUNDLED_CORPUS, DOC_SEPARATOR, DataError, read_documents
 from data_pipelines.passkey import PasskeySpec, PasskeyStream
 from data_pipelines.recall import RecallSpec, RecallStream
 
@@ -191,7 +193,7 @@ def check_file(path: str, fmt: str, key: str, text_field: str) -> None:
     suffix, compression = _suffixes(path)
     try:
         if fmt == "parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # pyarrow: ~0.2 s to import, and only parquet sources need it
 
             names = pq.ParquetFile(path).schema_arrow.names
             if text_field not in names:
@@ -245,17 +247,9 @@ def _check_text_field(head: bytes, path: str, key: str, text_field: str) -> None
 
 # ---------------------------------------------------------------- opening a source as a streaming dataset
 
-@lru_cache(maxsize=4)
-def _bundled_split(path: str, val_fraction: float) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    train, val = split_every_nth(read_documents(Path(path)), val_fraction)
-    return tuple(train), tuple(val)
-
-
 def epoch_file_order(num_files: int, seed: int, epoch: int) -> list[int]:
     """The order a source's files are read in this training epoch: seeded by (seed, epoch), so it is the same on
     every rank and lane (they split the reordered shards between them) and after a resume (the epoch is saved)."""
-    import numpy as np
-
     return np.random.default_rng([seed, epoch, 7]).permutation(num_files).tolist()
 
 
@@ -263,12 +257,12 @@ def open_dataset(spec: SourceSpec, split: str, *, epoch: int = 0, seed: int = 0,
                  shuffle_files: bool = False) -> Any:
     """The source as a `datasets.IterableDataset` of rows (not yet split by lane). shuffle_files: training reads
     the files (shards) in epoch_file_order; rows within a file keep their order."""
+    # datasets: ~1 s to import (pandas, pyarrow), and `import data_pipelines` also serves loading a model's tokenizer
+    # (dsv4.loading, for inference and export), which never opens a streaming source
     import datasets
 
     if spec.kind == "bundled":
-        import numpy as np
-
-        train, val = _bundled_split(spec.files[0], val_fraction)
+        train, val = bundled_split(spec.files[0], val_fraction)
         docs = list(val or train[-1:]) if split == "val" else list(train)
         if split == "train":  # a seeded document order per epoch; the same on every rank and after resume
             order = np.random.default_rng([seed, epoch]).permutation(len(docs))
@@ -338,7 +332,7 @@ class DocumentStream:
         self._hash_split = spec.kind != "bundled" and not spec.val_files
 
     def _open(self) -> None:
-        from datasets.distributed import split_dataset_by_node
+        from datasets.distributed import split_dataset_by_node  # datasets: heavy, as in open_dataset
 
         ds = open_dataset(self.spec, self.split, epoch=self.epoch, seed=self.seed, val_fraction=self.val_fraction,
                           shuffle_files=self.shuffle_files)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
 from data_pipelines.packed import BUNDLED_TOKENIZER, EOS_TOKEN, DataError
 from data_pipelines.recall import recall_words
 
@@ -30,8 +32,6 @@ class TokenizerSpec:
 
 def load_tokenizer(spec: TokenizerSpec) -> Any:
     """A `tokenizers.Tokenizer`; errors name data.tokenizer and say what to do."""
-    from tokenizers import Tokenizer
-
     value = spec.value
     if value == RECALL_TOKENIZER:  # the name wins over a file called `recall` here (give ./recall for that one)
         return recall_tokenizer()
@@ -59,8 +59,6 @@ def recall_tokenizer() -> Any:
     tokenizer before training).
     It is built in memory; `Tokenizer.save` writes it as a plain tokenizer.json (dsv4.export does), which loads
     back with the same ids."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
     vocab = {word: i for i, word in enumerate(recall_words())}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=None))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

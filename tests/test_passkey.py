@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from data_pipelines import DataError, StreamingData, prepare_data
+from data_pipelines.corpus import bundled_split
 from data_pipelines.packed import BUNDLED_CORPUS
 from data_pipelines.passkey import QUESTION, passkey_parts, split_at_depth
-from data_pipelines.sources import _bundled_split
 from data_pipelines.tokenizer import TokenizerSpec, load_tokenizer
 from dsv4.config import ConfigError
 from dsv4.evaluation.passkey import passkey_prompts, score_answer, score_passkey
@@ -29,7 +29,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def filler_docs():
-    return list(_bundled_split(str(BUNDLED_CORPUS), 0.02)[1])
+    return list(bundled_split(str(BUNDLED_CORPUS), 0.02)[1])
 
 
 def test_prompts_hold_the_key_where_they_say_at_the_lengths_and_depths_asked(tokenizer, filler_docs):

@@ -124,7 +124,7 @@ def validation_batches(loaded: LoadedModel, settings: RunSettings, data: str | N
 
 def held_out_documents(settings: RunSettings) -> list[str]:
     """The bundled corpus' held-out documents (the passkey filler: text no bundled-corpus run trained on)."""
+    from data_pipelines.corpus import bundled_split
     from data_pipelines.packed import BUNDLED_CORPUS
-    from data_pipelines.sources import _bundled_split
 
-    return list(_bundled_split(str(BUNDLED_CORPUS), settings.val_fraction)[1])
+    return list(bundled_split(str(BUNDLED_CORPUS), settings.val_fraction)[1])

@@ -14,9 +14,9 @@ from data_pipelines.config import (  # noqa: F401 (importable here with the run'
     PasskeyConfig,
     SourceConfig,
     check_data_config,
-    typed,
 )
 from data_pipelines.packed import DataError
+from data_pipelines.schema import typed
 from dsv4.config import CSA_RATIO, DENSE, WINDOW, ConfigError, ModelConfig, as_int, ratio_list
 
 LAYOUTS = ("window", "csa", "hca", "dense", "v4_flash", "v4_pro")
