@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.attention_stats import indexer_recall
 from dsv4.compressor import Compressor, Indexer
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
-from dsv4.ops.indexer.recall import indexer_recall
 from dsv4.ops.ranges import AttentionRanges, document_ranges, entry_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
 from dsv4.parallel.collectives import all_gather_sequence, all_gather_values, all_reduce_sum, shift_to_next_rank
