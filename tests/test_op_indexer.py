@@ -141,6 +141,19 @@ def test_indexer_loss_chunked_equals_naive_and_trains_only_the_indexer(sparse):
     assert q.grad is None and cmp.grad is None
 
 
+def test_backend_dispatch_names_the_choices():
+    """"auto" runs the PyTorch path on CPU tensors; an unknown backend is an error naming the choices (it used to
+    fall back to the PyTorch path silently)."""
+    index_q, index_k, weights = make_indexer_inputs(21, 5, seed=6)
+    assert torch.equal(indexer_topk(index_q, index_k, weights, 4, 3, backend="auto"),  # CPU tensors
+                       indexer_topk(index_q, index_k, weights, 4, 3, backend="torch"))
+    q, cmp, lse = torch.randn(2, 21, 2, 6), torch.randn(2, 5, 6), torch.zeros(2, 21, 2)
+    with pytest.raises(ValueError, match="'flash'.*auto, naive, torch, triton"):
+        indexer_topk(index_q, index_k, weights, 4, 3, backend="flash")
+    with pytest.raises(ValueError, match="'flash'.*auto, naive, torch, triton"):
+        indexer_kl_loss(q, cmp, lse, index_q, index_k, weights, 4, 0.4, backend="flash")
+
+
 def tie_heavy_scores(rows: int, n: int, kind: str, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(rows, n, generator=gen)
     if kind == "relu":  # exact zeros, of both signs (w * relu(.) with w < 0 gives -0.0)
