@@ -1,4 +1,5 @@
-"""The compressor against hand computation, RoPE layout and YaRN. (The indexer's causal selection: test_op_indexer.py.)"""
+"""The compressor against hand computation, RoPE layout and YaRN. (The indexer's causal selection:
+test_op_indexer.py.)"""
 
 import math
 
