@@ -23,8 +23,8 @@ stage() {  # stage NAME SECONDS COMMAND...
   echo "   rc=$? in $((SECONDS - start))s" | tee -a "$out/stages.txt"
   tail -25 "$out/$name.txt"
 }
-stage tests 150 python -m pytest -q -x tests/test_triton_attention.py tests/test_triton_indexer.py \
-  tests/test_attention.py
+stage tests 150 python -m pytest -q -x tests/test_op_v4_attention.py tests/test_op_indexer.py \
+  tests/test_model_triton_backend.py tests/test_attention.py
 stage core 150 python benchmarks/attention_core.py --lengths 16384 65536 131072 --repeats 3
 stage core_tuned 45 python benchmarks/attention_core.py --lengths 65536 --modes csa --dkv deterministic \
   --repeats 3 --tune fwd:BLOCK_H=64,num_warps=8

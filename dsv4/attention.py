@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv4.attention_stats import indexer_recall
 from dsv4.compressor import Compressor, Indexer
 from dsv4.config import CSA_RATIO, ModelConfig
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
-from dsv4.ops.indexer.recall import indexer_recall
 from dsv4.ops.v4_attention import v4_attention
 from dsv4.parallel.plan import LOCAL, document_mask
 from dsv4.rope import Rotary
@@ -141,7 +141,7 @@ class V4Attention(nn.Module):
     @torch.no_grad()
     def _record_stats(self, q, compressed, lse, topk_idx, ranges) -> None:
         """sink mass: the mean share of attention the sink takes, exp(sink_h - lse); indexer recall (CSA, sparse
-        phase): see dsv4/ops/indexer/recall.py. Stored in self.stats for the trainer's logging step."""
+        phase): see dsv4/attention_stats.py. Stored in self.stats for the trainer's logging step."""
         self.stats = {"sink_mass": torch.exp(self.attn_sink.float()[None, None, :] - lse).mean()}
         if topk_idx is not None and compressed is not None:
             self.stats["indexer_recall"] = indexer_recall(q, compressed, lse, topk_idx, self.ratio,

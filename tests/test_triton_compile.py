@@ -10,11 +10,12 @@ import sys
 import pytest
 
 import dsv4.ops.indexer.triton as indexer_kernels
+import dsv4.ops.triton_common as common_kernels
 import dsv4.ops.v4_attention.triton as attention_kernels
 
 
 def kernel_names() -> set[str]:
-    return {name for module in (attention_kernels, indexer_kernels) for name in vars(module)
+    return {name for module in (attention_kernels, indexer_kernels, common_kernels) for name in vars(module)
             if name.startswith("_") and name.endswith("_kernel")}
 
 
@@ -22,7 +23,7 @@ def kernel_names() -> set[str]:
 def test_every_kernel_compiles_for_gpu(arch, dtypes, repo_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(repo_root))
-    proc = subprocess.run([sys.executable, "-m", "dsv4.ops.compile_check", "--sizes", "tiny", "--arch", str(arch),
+    proc = subprocess.run([sys.executable, "-m", "dsv4.tools.compile_check", "--sizes", "tiny", "--arch", str(arch),
                            "--dtypes", *dtypes], cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("_")]

@@ -47,6 +47,18 @@ def causal_ranges(batch: int, seq_len: int, window: int, ratio: int, device: tor
     )
 
 
+def ranges_or_causal(ranges: AttentionRanges | None, x: torch.Tensor, ratio: int) -> AttentionRanges:
+    """`ranges` when given, else those of a plain causal sequence shaped like x [B, S, ...] (entries
+    i < (t+1)//ratio; window 1, since the callers, the indexer and its statistics, read entries only)."""
+    return ranges if ranges is not None else causal_ranges(x.shape[0], x.shape[1], 1, ratio, x.device)
+
+
+def visible_entries(ranges: AttentionRanges, first_entry: int, num_entries: int) -> torch.Tensor:
+    """[B, T, n] bool: entry first_entry + s is visible to each query of `ranges` (cmp_lo <= . < cmp_hi)."""
+    s = first_entry + torch.arange(num_entries, device=ranges.cmp_lo.device)
+    return (s[None, None, :] >= ranges.cmp_lo[..., None]) & (s[None, None, :] < ranges.cmp_hi[..., None])
+
+
 def group_starts(positions: torch.Tensor, ratio: int) -> torch.Tensor:
     """Start rows of the complete compressor groups of each batch row -> [B, N] long, padded with S.
 

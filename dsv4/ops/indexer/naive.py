@@ -1,10 +1,14 @@
-"""Brute-force oracle for the lightning indexer: full [B, S, N] score matrix, dense masks."""
+"""Brute-force oracle for the lightning indexer: full [B, S, N] score matrix, dense masks.
+
+Top-k uses the tie rule's definition (topk.topk_recent_first); only tests and backend="naive" use this module.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from dsv4.ops.ranges import AttentionRanges, causal_ranges
+from dsv4.ops.indexer.topk import topk_recent_first
+from dsv4.ops.ranges import AttentionRanges, ranges_or_causal, visible_entries
 
 
 def indexer_scores_naive(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -13,33 +17,11 @@ def indexer_scores_naive(index_q: torch.Tensor, index_k: torch.Tensor, weights: 
     return torch.einsum("bth,bths->bts", weights.float(), dots.relu())
 
 
-def visible_entries(ranges: AttentionRanges, first_entry: int, num_entries: int) -> torch.Tensor:
-    """[B, T, n] bool: entry first_entry + s is visible to each query of `ranges` (cmp_lo <= . < cmp_hi)."""
-    s = first_entry + torch.arange(num_entries, device=ranges.cmp_lo.device)
-    return (s[None, None, :] >= ranges.cmp_lo[..., None]) & (s[None, None, :] < ranges.cmp_hi[..., None])
-
-
-def topk_recent_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k over the last dim with a defined tie rule: equal scores prefer the MORE RECENT entry.
-
-    ReLU scores tie often (exact zeros), and torch.topk breaks ties arbitrarily, differently for
-    different input sizes; a fixed rule keeps every implementation choosing the same entries.
-    """
-    n = scores.shape[-1]
-    values, order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True)
-    return values[..., :k], (n - 1) - order[..., :k]
-
-
-def _ranges(ranges, index_q, ratio):
-    return ranges if ranges is not None else causal_ranges(index_q.shape[0], index_q.shape[1], 1, ratio,
-                                                           index_q.device)
-
-
 def indexer_topk_naive(index_q, index_k, weights, ratio: int, topk: int, ranges: AttentionRanges | None = None
                        ) -> torch.Tensor:
     num_entries = index_k.shape[1]
     scores = indexer_scores_naive(index_q, index_k, weights)
-    visible = visible_entries(_ranges(ranges, index_q, ratio), 0, num_entries)
+    visible = visible_entries(ranges_or_causal(ranges, index_q, ratio), 0, num_entries)
     scores = scores.masked_fill(~visible, float("-inf"))  # mask BEFORE top-k
     k = min(topk, num_entries)
     values, idx = topk_recent_first(scores, k)
@@ -52,7 +34,7 @@ def indexer_kl_naive(q, compressed_kv, lse, index_q, index_k, weights, ratio: in
     """Mean over queries with >= 1 candidate of  mass_t * KL(p_hat_t || softmax(I_t)) ; see loss docs."""
     seq_len, num_entries = q.shape[1], compressed_kv.shape[1]
     if topk_idx is None:
-        candidates = visible_entries(_ranges(ranges, q, ratio), 0, num_entries)
+        candidates = visible_entries(ranges_or_causal(ranges, q, ratio), 0, num_entries)
     else:
         candidates = torch.zeros(q.shape[0], seq_len, num_entries + 1, dtype=torch.bool, device=q.device)
         candidates.scatter_(2, torch.where(topk_idx < 0, num_entries, topk_idx).long(), True)

@@ -1,4 +1,4 @@
-"""Fast top-k with the indexer's tie rule: the same result as `naive.topk_recent_first`, bit for bit.
+"""Top-k with the indexer's tie rule: its definition (`topk_recent_first`) and a fast path equal to it bit for bit.
 
 topk_recent_first sorts whole rows (stable, recent first), which costs far more than selecting k of them.
 Here torch.topk selects k + 1 per row; its values are exact whatever it does with ties, so:
@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.ops.indexer.naive import topk_recent_first
+
+def topk_recent_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last dim with a defined tie rule: equal scores prefer the MORE RECENT entry.
+
+    ReLU scores tie often (exact zeros), and torch.topk breaks ties arbitrarily, differently for
+    different input sizes; a fixed rule keeps every implementation choosing the same entries.
+    """
+    n = scores.shape[-1]
+    values, order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True)
+    return values[..., :k], (n - 1) - order[..., :k]
 
 
 def topk_recent_first_fast(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,36 +7,22 @@ the scores (sum_h w_h relu(q_h . k)) are the oracle's, bit for bit; only the ent
 chunk may not see are masked, and top-k selects with torch.topk under the recent-first tie rule (topk.py).
 The KL loss computes each chunk's teacher once without autograd and differentiates only the student: in the
 sparse phase through a small autograd function that gathers the picked keys again in backward, in the dense
-warm-up under activation checkpointing; its memory is bounded by one chunk as well. With use_triton, the
-chunks have chunk_size queries and the per-chunk scores, the teachers and the sparse phase's student come from
-the kernels in triton.py.
+warm-up under activation checkpointing; its memory is bounded by one chunk as well. (The Triton path,
+triton_op.py, runs the same chunk loops, common.py, with chunks of chunk_size queries and its kernels.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from dsv4.ops.indexer.naive import _ranges, visible_entries
-from dsv4.ops.indexer.topk import topk_recent_first_fast
-from dsv4.ops.ranges import AttentionRanges
+from dsv4.ops.indexer.common import QueryChunk, kl_by_chunks, kl_terms, topk_by_chunks
+from dsv4.ops.ranges import AttentionRanges, ranges_or_causal, visible_entries
 
 CHUNK_ELEMENTS = 1 << 24  # elements of the largest per-chunk tensor (64 MiB in fp32); tests lower it
 TOPK_ELEMENTS = 1 << 20  # top-k scoring: a workspace that stays in cache (measured 2-3x faster than 16M fresh)
 MIN_CHUNKS = 8  # chunks that score entry rectangles cover at most 1/8 of the sequence each
 PLAN_BLOCK = 64  # chunks are whole blocks of this many queries
-
-
-@dataclass
-class QueryChunk:
-    first: int  # queries first .. last-1
-    last: int
-    e0: int  # entries e0 .. e1-1: those any query of the chunk may see
-    e1: int
-    seen_lo: int  # entries seen_lo .. seen_hi-1 are visible to every query of the chunk (no mask needed)
-    seen_hi: int
 
 
 def _head_weighted_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights: torch.Tensor,
@@ -57,22 +43,6 @@ def _head_weighted_scores(index_q: torch.Tensor, index_k: torch.Tensor, weights:
     dots = torch.matmul(q_rows, keys, out=workspace[:size].view(batch, n_q * n_heads, n)).relu_()
     scores = workspace[size:size + batch * n_q * n].view(batch * n_q, 1, n)
     return torch.bmm(weights, dots.view(batch * n_q, n_heads, n), out=scores).view(batch, n_q, n)
-
-
-def _chunk_entry_slices(ranges: AttentionRanges, chunk_size: int) -> list[QueryChunk]:
-    """Chunks of chunk_size queries with the entries [e0, e1) any of them may see (the Triton path masks in its
-    kernel). One device-to-host copy for all chunks (a GPU does not stall once per chunk)."""
-    seq_len = ranges.cmp_lo.shape[1]
-    n_chunks = -(-seq_len // chunk_size)
-    pad = n_chunks * chunk_size - seq_len
-    lo, hi = ranges.cmp_lo.amin(0), ranges.cmp_hi.amax(0)
-    lo, hi = (torch.cat([x, x[-1:].expand(pad)]) for x in (lo, hi))  # repeat the last query: same min / max
-    bounds = torch.stack([lo.view(n_chunks, chunk_size).amin(1), hi.view(n_chunks, chunk_size).amax(1)], 1)
-    out = []
-    for i, (e0, e1) in enumerate(bounds.tolist()):
-        first = i * chunk_size
-        out.append(QueryChunk(first, min(first + chunk_size, seq_len), e0, max(e1, e0), e0, e0))
-    return out
 
 
 def budget_chunks(ranges: AttentionRanges, per_entry: int, per_query: int, rectangle: bool,
@@ -117,57 +87,22 @@ def _mask_unseen(scores: torch.Tensor, r: AttentionRanges, chunk: QueryChunk) ->
     return scores
 
 
-def _masked_scores(index_q, index_k, weights, r: AttentionRanges, chunk: QueryChunk, use_triton: bool,
-                   workspace: torch.Tensor | None = None):
-    if use_triton:  # heads reduced and the visibility mask applied inside the kernel
-        from dsv4.ops.indexer.triton import index_scores
-
-        return index_scores(index_q, index_k, weights, r, chunk.e0)
-    return _mask_unseen(_head_weighted_scores(index_q, index_k, weights, workspace), r, chunk)
-
-
-def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int, chunk_size: int = 128,
-                         use_triton: bool = False, ranges: AttentionRanges | None = None) -> torch.Tensor:
-    batch, seq_len = index_q.shape[:2]
-    ranges = _ranges(ranges, index_q, ratio)
+def indexer_topk_chunked(index_q, index_k, weights, ratio: int, topk: int,
+                         ranges: AttentionRanges | None = None) -> torch.Tensor:
+    """Same contract as `dsv4.ops.indexer.indexer_topk`; see there for shapes."""
+    batch = index_q.shape[0]
+    ranges = ranges_or_causal(ranges, index_q, ratio)
     k = min(topk, index_k.shape[1])
-    out = torch.full((batch, seq_len, k), -1, dtype=torch.long, device=index_q.device)
-    workspace = None
-    if use_triton:
-        chunks = _chunk_entry_slices(ranges, chunk_size)
-    else:  # per chunk: the per-head dots [B, T, n_I, n] and the scores [B, T, n], in one reused workspace
-        per_entry = batch * (index_q.shape[2] + 1)
-        chunks = budget_chunks(ranges, per_entry=per_entry, per_query=0, rectangle=True, budget=TOPK_ELEMENTS)
-        largest = max(((c.last - c.first) * (c.e1 - c.e0) for c in chunks), default=0)
-        workspace = torch.empty(per_entry * largest, dtype=torch.float32, device=index_q.device)
-    with torch.no_grad():
-        for chunk in chunks:
-            first, last, e0, e1 = chunk.first, chunk.last, chunk.e0, chunk.e1
-            if e1 == e0:
-                continue
-            r = ranges.slice(first, last)
-            scores = _masked_scores(index_q[:, first:last], index_k[:, e0:e1], weights[:, first:last], r, chunk,
-                                    use_triton, workspace)
-            kk = min(k, e1 - e0)
-            values, idx = topk_recent_first_fast(scores, kk)
-            out[:, first:last, :kk] = torch.where(torch.isinf(values), -1, idx + e0)
-    return out
+    # per chunk: the per-head dots [B, T, n_I, n] and the scores [B, T, n], in one reused workspace
+    per_entry = batch * (index_q.shape[2] + 1)
+    chunks = budget_chunks(ranges, per_entry=per_entry, per_query=0, rectangle=True, budget=TOPK_ELEMENTS)
+    largest = max(((c.last - c.first) * (c.e1 - c.e0) for c in chunks), default=0)
+    workspace = torch.empty(per_entry * largest, dtype=torch.float32, device=index_q.device)
 
+    def score_chunk(index_q, index_k, weights, r: AttentionRanges, chunk: QueryChunk) -> torch.Tensor:
+        return _mask_unseen(_head_weighted_scores(index_q, index_k, weights, workspace), r, chunk)
 
-def _kl_chunk(q, cmp, lse, index_q, index_k, weights, picks, r: AttentionRanges, first_entry: int,
-              softmax_scale: float, use_triton: bool = True):
-    """Triton path: sum over this chunk's queries of mass_t * KL_t, and the count of queries with candidates."""
-    from dsv4.ops.indexer.triton import index_scores, pick_scores, teacher_dense, teacher_sparse
-
-    if picks is None:  # dense: every visible entry of the slice cmp / index_k; per-head work reduced in-kernel
-        candidates = visible_entries(r, first_entry, cmp.shape[1])
-        with torch.no_grad():
-            target = teacher_dense(q, cmp, lse, r, first_entry, softmax_scale)
-        student = index_scores(index_q, index_k, weights, r, first_entry)
-        return _kl_terms(target, student.masked_fill(~candidates, float("-inf")), candidates)
-    # picks gathered inside the kernels; d index_k summed per entry in a fixed order
-    target = teacher_sparse(q, cmp, lse, picks, softmax_scale)
-    return _kl_terms(target, pick_scores(index_q, index_k, weights, picks), picks >= 0)
+    return topk_by_chunks(index_q, index_k, weights, ranges, k, chunks, score_chunk)
 
 
 def _gather_rows(x: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
@@ -219,8 +154,9 @@ class _PickScores(torch.autograd.Function):
 
 def _kl_chunk_torch(q, cmp, lse, index_q, index_k, weights, picks, r: AttentionRanges, first_entry: int,
                     softmax_scale: float, recompute: bool):
-    """PyTorch path of _kl_chunk. The teacher is computed once, without autograd; only the student is
-    differentiated (dense: under activation checkpointing, its per-head dots are [T, n_I, n])."""
+    """One chunk's (sum of mass_t * KL_t, count of queries with candidates). The teacher is computed once,
+    without autograd; only the student is differentiated (dense: under activation checkpointing, its per-head dots
+    are [T, n_I, n])."""
     lse = lse.float()[..., None]
     with torch.no_grad():
         if picks is None:
@@ -236,69 +172,33 @@ def _kl_chunk_torch(q, cmp, lse, index_q, index_k, weights, picks, r: AttentionR
             target = (torch.exp(z.view(batch, n_q, n_heads, -1) - lse) * candidates[:, :, None, :]).mean(dim=2)
     if picks is not None:
         student = _PickScores.apply(index_q, index_k, weights, safe).masked_fill(~candidates, float("-inf"))
-        return _kl_terms(target, student, candidates)
+        return kl_terms(target, student, candidates)
 
     def dense_terms(index_q, index_k, weights):
         student = _head_weighted_scores(index_q, index_k, weights).masked_fill(~candidates, float("-inf"))
-        return _kl_terms(target, student, candidates)
+        return kl_terms(target, student, candidates)
 
     if recompute:
         return checkpoint(dense_terms, index_q, index_k, weights, use_reentrant=False)
     return dense_terms(index_q, index_k, weights)
 
 
-def _kl_terms(target: torch.Tensor, student: torch.Tensor, candidates: torch.Tensor):
-    """target [B, T, n] (teacher mass per candidate), student [B, T, n] logits (-inf off candidates)."""
-    with torch.no_grad():
-        mass = target.sum(-1)
-        p_hat = target / mass.clamp_min(1e-30)[..., None]
-    log_s = torch.log_softmax(student, dim=-1).masked_fill(~candidates, 0.0)
-    kl = (torch.xlogy(p_hat, p_hat) - p_hat * log_s).sum(-1)
-    has = candidates.any(-1)
-    return torch.where(has, mass * kl, 0.0).sum(), has.sum()
-
-
 def indexer_kl_chunked(q, compressed_kv, lse, index_q, index_k, weights, ratio: int, softmax_scale: float,
-                       topk_idx: torch.Tensor | None = None, chunk_size: int = 128, use_triton: bool = False,
-                       ranges: AttentionRanges | None = None, count_reduce=None) -> torch.Tensor:
-    seq_len = q.shape[1]
-    ranges = _ranges(ranges, q, ratio)
-    q, compressed_kv, lse = q.detach(), compressed_kv.detach(), lse.detach()  # the teacher is detached
-    total = index_q.new_zeros((), dtype=torch.float32)
-    count = torch.zeros((), dtype=torch.long, device=q.device)  # stays on the device until the end
+                       topk_idx: torch.Tensor | None = None, ranges: AttentionRanges | None = None,
+                       count_reduce=None) -> torch.Tensor:
+    """Same contract as `dsv4.ops.indexer.indexer_kl_loss`; see there for shapes."""
+    ranges = ranges_or_causal(ranges, q, ratio)
     recompute = torch.is_grad_enabled()
     n_heads, dim = q.shape[2:]
-    if use_triton and topk_idx is None:
-        chunks = _chunk_entry_slices(ranges, chunk_size)
-    elif use_triton:  # the picks name the entries: no slice needed
-        chunks = [QueryChunk(first, min(first + chunk_size, seq_len), 0, 0, 0, 0)
-                  for first in range(0, seq_len, chunk_size)]
-    elif topk_idx is None:  # the teacher's logits [B, T, H, n] and the student's per-head dots are the largest
+    if topk_idx is None:  # the teacher's logits [B, T, H, n] and the student's per-head dots are the largest
         chunks = budget_chunks(ranges, per_entry=max(n_heads, index_q.shape[2]) + 2, per_query=0, rectangle=True)
     else:  # per query: the gathered picks of both q paths, and their per-head logits
         k = topk_idx.shape[-1]
         chunks = budget_chunks(ranges, per_entry=0, rectangle=False,
                                per_query=k * (dim + index_k.shape[-1] + n_heads + index_q.shape[2]))
-    for chunk in chunks:
-        first, last, e0, e1 = chunk.first, chunk.last, chunk.e0, chunk.e1
-        r = ranges.slice(first, last)
-        if topk_idx is None:
-            if e1 == e0:
-                continue
-            cmp, idx_k, picks = compressed_kv[:, e0:e1], index_k[:, e0:e1], None
-        else:
-            e0, cmp, idx_k, picks = 0, compressed_kv, index_k, topk_idx[:, first:last]
-        args = (q[:, first:last], cmp, lse[:, first:last], index_q[:, first:last], idx_k, weights[:, first:last],
-                picks, r, e0, softmax_scale)
-        if not use_triton:
-            part, n = _kl_chunk_torch(*args, recompute)
-        elif recompute:
-            part, n = checkpoint(_kl_chunk, *args, use_reentrant=False)
-        else:
-            part, n = _kl_chunk(*args)
-        total = total + part
-        count = count + n
-    count = int(count)  # the one host sync of the loss
-    if count_reduce is not None:  # sequence parallelism: divide by the count over the whole sequence
-        count = count_reduce(count)
-    return total / max(count, 1)
+
+    def chunk_loss(*args):
+        return _kl_chunk_torch(*args, recompute)
+
+    return kl_by_chunks(q, compressed_kv, lse, index_q, index_k, weights, topk_idx, ranges, softmax_scale, chunks,
+                        chunk_loss, count_reduce)

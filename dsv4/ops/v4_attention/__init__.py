@@ -56,7 +56,7 @@ def v4_attention(
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError("attention.backend=triton: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
                                "set before dsv4 is imported to run them (slowly) on the CPU")
-        from dsv4.ops.v4_attention.triton_op import v4_attention_triton
+        from dsv4.ops.v4_attention.triton_op import v4_attention_triton  # triton: loaded only when used
 
         return v4_attention_triton(q, kv, sink, softmax_scale, ranges, compressed_kv, topk_idx, deterministic)
     if backend == "naive":

@@ -27,32 +27,20 @@ rank runs the same kernels.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# fp32 inputs keep full fp32 products on GPUs (no TF32); bf16/fp16 inputs run native tensor-core dots either way
-DOT_PRECISION = tl.constexpr("ieee")
-POISON_OUTPUTS = False  # tests set this: outputs start as NaN, so an unwritten element shows
-
-
-def _new(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    dtype = dtype or like.dtype
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
-
-
-@triton.jit
-def _load_rows(p_base, o_rows, stride_row, o_d, m_rows, m_d, UPCAST: tl.constexpr):
-    p = p_base + o_rows.to(tl.int64)[:, None] * stride_row + o_d[None, :]
-    b = tl.load(p, mask=m_rows[:, None] & m_d[None, :], other=0.0)
-    if UPCAST:
-        b = b.to(tl.float32)
-    return b
+from dsv4.ops.ranges import reader_ranges
+from dsv4.ops.triton_common import (
+    DOT_PRECISION,
+    INTERPRET,
+    load_rows,
+    new_output,
+    picked_block,
+    range_block,
+    sum_per_entry,
+)
 
 
 @triton.jit
@@ -67,24 +55,6 @@ def _query_program(H, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.conste
     o_h = (i_th % n_hb) * BLOCK_H + tl.arange(0, BLOCK_H)
     o_d = tl.arange(0, BLOCK_D)
     return i_t, i_b, o_h, o_h < H, o_d, o_d < D
-
-
-@triton.jit
-def _range_block(P_ROWS, start, end, stride_row, o_d, m_d, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Rows start .. start+BN-1 of a contiguous key range ending before `end` -> (row ids, mask, rows [BN, BD])."""
-    o_n = start + tl.arange(0, BLOCK_N)
-    m_n = o_n < end
-    return o_n, m_n, _load_rows(P_ROWS, o_n, stride_row, o_d, m_n, m_d, UPCAST)
-
-
-@triton.jit
-def _picked_block(P_IDX, start, K, P_ROWS, stride_row, o_d, m_d, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Picks start .. start+BN-1 of a top-k list (-1 = none) -> (entry ids, mask, gathered rows [BN, BD])."""
-    o_k = start + tl.arange(0, BLOCK_N)
-    b_idx = tl.load(P_IDX + o_k, mask=o_k < K, other=-1)
-    m_n = b_idx >= 0
-    o_n = tl.maximum(b_idx, 0)
-    return o_n, m_n, _load_rows(P_ROWS, o_n, stride_row, o_d, m_n, m_d, UPCAST)
 
 
 @triton.jit
@@ -109,7 +79,7 @@ def _attn_fwd_kernel(
 ):
     i_t, i_b, o_h, m_h, o_d, m_d = _query_program(H, D, BLOCK_D, BLOCK_H)
     p_q = Q + i_b * stride_qb + i_t.to(tl.int64) * stride_qs
-    b_q = _load_rows(p_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)  # [BH, BD]
+    b_q = load_rows(p_q, o_h, stride_qh, o_d, m_h, m_d, UPCAST)  # [BH, BD]
 
     p_range = i_b * S + i_t
     w_lo, w_hi = tl.load(WLO + p_range), tl.load(WHI + p_range)
@@ -118,18 +88,18 @@ def _attn_fwd_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     # 1. window rows (the query's own row is always one: m_i is finite after this loop)
     for start in range(w_lo, w_hi + 1, BLOCK_N):
-        _, m_n, b_k = _range_block(KV + i_b * stride_kvb, start, w_hi + 1, stride_kvs, o_d, m_d, UPCAST, BLOCK_N)
+        _, m_n, b_k = range_block(KV + i_b * stride_kvb, start, w_hi + 1, stride_kvs, o_d, m_d, UPCAST, BLOCK_N)
         m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     # 2. compressed entries
     if MODE == 1:
         c_lo, c_hi = tl.load(CLO + p_range), tl.load(CHI + p_range)
         for start in range(c_lo, c_hi, BLOCK_N):
-            _, m_n, b_k = _range_block(CKV + i_b * stride_cb, start, c_hi, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
+            _, m_n, b_k = range_block(CKV + i_b * stride_cb, start, c_hi, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
             m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     if MODE == 2:
         p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_is
         for start in range(0, K, BLOCK_N):
-            _, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
+            _, m_n, b_k = picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
             m_i, l_i, acc = _fwd_block(b_q, b_k, m_n, m_i, l_i, acc, scale)
     # 3. the sink: a logit per head, no value
     b_sink = tl.load(SINK + o_h, mask=m_h, other=0.0).to(tl.float32)
@@ -171,8 +141,8 @@ def _attn_bwd_dq_kernel(
 ):
     i_t, i_b, o_h, m_h, o_d, m_d = _query_program(H, D, BLOCK_D, BLOCK_H)
     row = i_b * stride_qb + i_t.to(tl.int64) * stride_qs
-    b_q = _load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
-    b_do = _load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+    b_q = load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+    b_do = load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
     p_stat = (i_b * S + i_t) * H + o_h
     b_lse = tl.load(LSE + p_stat, mask=m_h, other=0.0)
     b_delta = tl.load(DELTA + p_stat, mask=m_h, other=0.0)
@@ -183,17 +153,17 @@ def _attn_bwd_dq_kernel(
     p_range = i_b * S + i_t
     w_lo, w_hi = tl.load(WLO + p_range), tl.load(WHI + p_range)
     for start in range(w_lo, w_hi + 1, BLOCK_N):
-        o_n, m_n, b_k = _range_block(KV + i_b * stride_kvb, start, w_hi + 1, stride_kvs, o_d, m_d, UPCAST, BLOCK_N)
+        o_n, m_n, b_k = range_block(KV + i_b * stride_kvb, start, w_hi + 1, stride_kvs, o_d, m_d, UPCAST, BLOCK_N)
         dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dkv, D, o_d, m_d, scale, ATOMIC)
     if MODE == 1:
         c_lo, c_hi = tl.load(CLO + p_range), tl.load(CHI + p_range)
         for start in range(c_lo, c_hi, BLOCK_N):
-            o_n, m_n, b_k = _range_block(CKV + i_b * stride_cb, start, c_hi, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
+            o_n, m_n, b_k = range_block(CKV + i_b * stride_cb, start, c_hi, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
             dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
     if MODE == 2:
         p_idx = IDX + i_b * stride_ib + i_t.to(tl.int64) * stride_is
         for start in range(0, K, BLOCK_N):
-            o_n, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST,
+            o_n, m_n, b_k = picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST,
                                           BLOCK_N)
             dq = _bwd_block(b_q, b_do, b_lse, b_delta, b_k, m_n, o_n, dq, p_dckv, D, o_d, m_d, scale, ATOMIC)
     p_dq = DQ + row + o_h[:, None] * stride_qh + o_d[None, :]
@@ -209,8 +179,8 @@ def _dk_from_query(b_k, m_n, visible, Q, DO, LSE, DELTA, i_b, t, stride_qb, stri
     for h0 in range(0, H, BLOCK_H):
         o_h = h0 + tl.arange(0, BLOCK_H)
         m_h = o_h < H
-        b_q = _load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
-        b_do = _load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+        b_q = load_rows(Q + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
+        b_do = load_rows(DO + row, o_h, stride_qh, o_d, m_h, m_d, UPCAST)
         p_stat = (i_b * S + t) * H + o_h
         b_lse = tl.load(LSE + p_stat, mask=m_h, other=0.0)
         b_delta = tl.load(DELTA + p_stat, mask=m_h, other=0.0)
@@ -239,7 +209,7 @@ def _attn_bwd_dk_ranged_kernel(
     i_b = tl.program_id(2).to(tl.int64)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    o_n, m_n, b_k = _range_block(KEYS + i_b * stride_kb, i_n * BLOCK_N, NK, stride_ks, o_d, m_d, UPCAST, BLOCK_N)
+    o_n, m_n, b_k = range_block(KEYS + i_b * stride_kb, i_n * BLOCK_N, NK, stride_ks, o_d, m_d, UPCAST, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     n_blocks = tl.cdiv(NK, BLOCK_N)
     t_first = tl.maximum(tl.load(RFIRST + i_b * n_blocks + i_n), i_seg * SEG_LEN)
@@ -275,40 +245,12 @@ def _attn_bwd_pick_grad_kernel(
     p_idx = IDX + i_b * stride_ib + t.to(tl.int64) * stride_is
     p_g = G + ((i_b * T + i_t) * K).to(tl.int64) * D
     for start in range(0, K, BLOCK_N):
-        o_n, m_n, b_k = _picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
+        o_n, m_n, b_k = picked_block(p_idx, start, K, CKV + i_b * stride_cb, stride_cs, o_d, m_d, UPCAST, BLOCK_N)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dk = _dk_from_query(b_k, m_n, m_n, Q, DO, LSE, DELTA, i_b, t, stride_qb, stride_qs, stride_qh, S, H,
                             o_d, m_d, scale, dk, BLOCK_H, UPCAST)
         o_j = start + tl.arange(0, BLOCK_N)
         tl.store(p_g + o_j.to(tl.int64)[:, None] * D + o_d[None, :], dk, mask=(o_j < K)[:, None] & m_d[None, :])
-
-
-@triton.jit
-def _segment_sum_kernel(
-    G, OFFSETS, SLOTS, DCKV, N, TK, ACCUMULATE,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    """Sparse dK=V, step 2: entry i of batch b sums the rows G[b, slot] for the slots listed in
-    SLOTS[OFFSETS[b*N+i] : OFFSETS[b*N+i+1]] (the picks of entry i, in query order: the inverse index),
-    in that fixed order, and stores (ACCUMULATE=0) or adds (1) the sum to DCKV[b, i]."""
-    i_n = tl.program_id(0)
-    i_b = tl.program_id(1).to(tl.int64)
-    o_d = tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    first = tl.load(OFFSETS + i_b * N + i_n)
-    last = tl.load(OFFSETS + i_b * N + i_n + 1)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for r0 in range(first, last, BLOCK_R):
-        o_r = r0 + tl.arange(0, BLOCK_R)
-        m_r = o_r < last
-        b_slot = tl.load(SLOTS + o_r, mask=m_r, other=0).to(tl.int64)
-        b_g = tl.load(G + (i_b * TK + b_slot[:, None]) * D + o_d[None, :], mask=m_r[:, None] & m_d[None, :],
-                      other=0.0)
-        acc += tl.sum(b_g, axis=0)
-    p_out = DCKV + (i_b * N + i_n) * D + o_d
-    if ACCUMULATE:
-        acc += tl.load(p_out, mask=m_d, other=0.0)
-    tl.store(p_out, acc, mask=m_d)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -348,8 +290,8 @@ def attention_fwd(q, kv, ckv, idx, sink, ranges: tuple, scale: float):
     mode = _mode(ckv, idx)
     ckv_ = ckv if ckv is not None else kv
     idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
-    out = _new(q.shape, q)
-    lse = _new((batch, seq_len, n_heads), q, torch.float32)
+    out = new_output(q.shape, q)
+    lse = new_output((batch, seq_len, n_heads), q, torch.float32)
     cfg = _config(q, dim)
     grid = (seq_len * triton.cdiv(n_heads, cfg["BLOCK_H"]), batch)
     _attn_fwd_kernel[grid](
@@ -368,43 +310,14 @@ DK_BUFFER_BYTES = 1 << 30
 DK_SEGMENT_QUERIES = 1024
 
 
-def inverse_index(idx: torch.Tensor, num_entries: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each (batch, entry): the pick slots (t * k + j, t counted within idx) that chose it, in query
-    order -> CSR (offsets [B*N+1] int32, slots int32)."""
-    batch, seq_len, k = idx.shape
-    entry = idx.long() + torch.arange(batch, device=idx.device)[:, None, None] * num_entries
-    slot = torch.arange(seq_len * k, device=idx.device).view(1, seq_len, k).expand(batch, -1, -1)
-    valid = idx >= 0
-    entry, slot = entry[valid], slot[valid]
-    order = torch.sort(entry * (seq_len * k) + slot).indices  # entry-major, then query order
-    counts = torch.bincount(entry, minlength=batch * num_entries)
-    offsets = torch.zeros(batch * num_entries + 1, dtype=torch.int32, device=idx.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, slot[order].to(torch.int32).contiguous()
-
-
-def sum_per_entry(per_pick: torch.Tensor, picks: torch.Tensor, out: torch.Tensor, accumulate: bool) -> None:
-    """Deterministic scatter-add: out[b, e] (=, or += when accumulate) the sum of per_pick[b, t, j] over the picks
-    (t, j) with picks[b, t, j] = e, in query order. per_pick [B, T, k, W] fp32, picks [B, T, k], out [B, N, W] fp32."""
-    batch, n_entries, width = out.shape
-    if n_entries == 0:
-        return
-    offsets, slots = inverse_index(picks, n_entries)
-    _segment_sum_kernel[(n_entries, batch)](per_pick, offsets, slots, out, n_entries, picks.shape[1] * picks.shape[2],
-                                            int(accumulate), D=width, BLOCK_D=max(16, triton.next_power_of_2(width)),
-                                            BLOCK_R=16)
-
-
 def _dk_ranged(q, keys, do, lse, delta, lo, hi, hi_exclusive: bool, cfg: dict, scale: float, n_segments: int):
     """Deterministic dK=V of raw rows (window) or dense entries: fp32 [B, NK, D]."""
-    from dsv4.ops.ranges import reader_ranges
-
     batch, seq_len, n_heads, dim = q.shape
     n_keys = keys.shape[1]
     block_n = cfg["BLOCK_N"]
     first, last = reader_ranges(lo, hi - 1 if hi_exclusive else hi, n_keys, block_n)
     seg_len = triton.cdiv(seq_len, n_segments)
-    partial = _new((n_segments, batch, n_keys, dim), q, torch.float32)
+    partial = new_output((n_segments, batch, n_keys, dim), q, torch.float32)
     _attn_bwd_dk_ranged_kernel[(triton.cdiv(n_keys, block_n), n_segments, batch)](
         q, keys, do, lse, delta, partial, lo, hi, first, last, q.stride(0), q.stride(1), q.stride(2),
         keys.stride(0), keys.stride(1), seq_len, n_keys, n_heads, seg_len, scale, HI_EXCLUSIVE=hi_exclusive, **cfg)
@@ -416,11 +329,11 @@ def _dk_sparse(q, ckv, idx, do, lse, delta, cfg: dict, scale: float):
     each writes its per-pick gradients, then every entry sums its picks in query order."""
     batch, seq_len, n_heads, dim = q.shape
     n_entries, k = ckv.shape[1], idx.shape[-1]
-    dckv = _new((batch, n_entries, dim), q, torch.float32)
+    dckv = new_output((batch, n_entries, dim), q, torch.float32)
     chunk = max(1, min(seq_len, DK_BUFFER_BYTES // max(1, batch * k * dim * 4)))
     for t0 in range(0, seq_len, chunk):
         n_q = min(chunk, seq_len - t0)
-        grads = _new((batch, n_q, k, dim), q, torch.float32)
+        grads = new_output((batch, n_q, k, dim), q, torch.float32)
         _attn_bwd_pick_grad_kernel[(n_q, batch)](
             q, ckv, idx, do, lse, delta, grads, q.stride(0), q.stride(1), q.stride(2), ckv.stride(0),
             ckv.stride(1), idx.stride(0), idx.stride(1), seq_len, n_heads, k, t0, n_q, scale, **cfg)
@@ -440,7 +353,7 @@ def attention_bwd(do, q, kv, ckv, idx, sink, out, lse, ranges: tuple, scale: flo
     n_entries = ckv_.shape[1]
     idx_ = idx if idx is not None else torch.empty(1, 1, 1, dtype=torch.int32, device=q.device)
     cfg = _config(q, dim, "dq")
-    dq = _new(q.shape, q)
+    dq = new_output(q.shape, q)
     if deterministic:  # the dq kernel adds nothing; dK=V comes from the fixed-order kernels below
         dkv = dckv = torch.empty(1, dtype=torch.float32, device=q.device)
     else:  # fp32 atomics from the dq kernel

@@ -6,9 +6,9 @@ a GPU. This runs the real launchers (dsv4.ops.v4_attention.triton, dsv4.ops.inde
 tensors, catches each kernel launch, and compiles it for the target with Triton's own compiler and
 ptxas (both ship with the triton wheel) instead of launching it. Nothing runs; only the code is built.
 
-    python -m dsv4.ops.compile_check                       # tiny + flash sizes, sm_90 (H100/H200)
-    python -m dsv4.ops.compile_check --sizes flash --arch 80
-    python -m dsv4.ops.compile_check --sizes flash --dtypes bf16 --tune fwd:BLOCK_H=64,num_warps=8
+    python -m dsv4.tools.compile_check                       # tiny + flash sizes, sm_90 (H100/H200)
+    python -m dsv4.tools.compile_check --sizes flash --arch 80
+    python -m dsv4.tools.compile_check --sizes flash --dtypes bf16 --tune fwd:BLOCK_H=64,num_warps=8
 
 Per kernel variant it prints registers per thread, spilled bytes (local memory), shared memory and
 compile time, and exits 1 when a kernel fails to compile or needs more shared memory than the target
@@ -32,6 +32,10 @@ import triton
 import triton.runtime.jit as triton_jit
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from dsv4.ops.indexer import triton as indexer_kernels
+from dsv4.ops.ranges import causal_ranges
+from dsv4.ops.v4_attention import triton as attention_kernels
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in max per block, bytes
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
@@ -127,10 +131,6 @@ def compile_instead_of_launch(target: GPUTarget, built: list[Built], variant: st
 
 def launch_everything(sizes: dict, dtype: torch.dtype) -> None:
     """Call every Triton launcher once per mode on CPU tensors of these sizes (values do not matter)."""
-    from dsv4.ops.indexer import triton as indexer_kernels
-    from dsv4.ops.ranges import causal_ranges
-    from dsv4.ops.v4_attention import triton as attention_kernels
-
     b, s, h, d, n, k = (sizes[key] for key in ("batch", "seq_len", "heads", "dim", "entries", "topk"))
     ratio = max(1, s // n)
     q = torch.randn(b, s, h, d, dtype=dtype)
@@ -149,13 +149,13 @@ def launch_everything(sizes: dict, dtype: torch.dtype) -> None:
     index_q = torch.randn(b, s, ih, ic, dtype=dtype)
     index_k = torch.randn(b, n, ic, dtype=dtype)
     weights = torch.randn(b, s, ih)
-    indexer_kernels._scores_launch(index_q, index_k, weights, ranges[2], ranges[3], 0)
-    indexer_kernels.index_scores_bwd_op(torch.randn(b, s, n), index_q, index_k, weights)
-    indexer_kernels.teacher_dense_op(q, ckv, lse, ranges[2], ranges[3], 0, 0.1)
+    indexer_kernels.index_scores_fwd(index_q, index_k, weights, ranges[2], ranges[3], 0)
+    indexer_kernels.index_scores_bwd(torch.randn(b, s, n), index_q, index_k, weights)
+    indexer_kernels.teacher_dense_fwd(q, ckv, lse, ranges[2], ranges[3], 0, 0.1)
     index_picks = idx.clamp(max=n - 1)
-    indexer_kernels.pick_scores_op(index_q, index_k, weights, index_picks)
-    indexer_kernels.pick_scores_bwd_op(torch.randn(b, s, k), index_q, index_k, weights, index_picks)
-    indexer_kernels.teacher_sparse_op(q, ckv, lse, index_picks, 0.1)
+    indexer_kernels.pick_scores_fwd(index_q, index_k, weights, index_picks)
+    indexer_kernels.pick_scores_bwd(torch.randn(b, s, k), index_q, index_k, weights, index_picks)
+    indexer_kernels.teacher_sparse_fwd(q, ckv, lse, index_picks, 0.1)
 
 
 def build_all(arch: int, size_names: list[str], dtypes: list[torch.dtype]) -> list[Built]:
@@ -178,8 +178,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune", nargs="*", default=[],
                         help="attention launch overrides to try, e.g. fwd:BLOCK_H=64,num_warps=8 (groups fwd, dq, dk)")
     args = parser.parse_args(argv)
-    from dsv4.ops.v4_attention import triton as attention_kernels
-
     attention_kernels.LAUNCH_OVERRIDES.update(attention_kernels.parse_launch_overrides(args.tune))
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[x] for x in args.dtypes]
     built = build_all(args.arch, args.sizes, dtypes)

@@ -1,4 +1,5 @@
-"""Indexer recall: the share of the teacher's top-k entries that the indexer picked (a training metric).
+"""Attention statistics for logging (not ops): indexer recall, the share of the teacher's top-k entries that the
+indexer picked (a training metric).
 
 The teacher ranks every visible compressed entry of a query by its attention mass in the main attention's
 joint softmax, averaged over heads: mean_h exp(q_h . c_s * scale - lse_h). With k' = min(k, visible entries),
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv4.ops.indexer.naive import _ranges, visible_entries
+from dsv4.ops.ranges import ranges_or_causal, visible_entries
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def indexer_recall(q: torch.Tensor, compressed_kv: torch.Tensor, lse: torch.Tens
                    ratio: int, softmax_scale: float, ranges=None, chunk_size: int = 128) -> torch.Tensor:
     """q [B, S, H, D], compressed_kv [B, N, D], lse [B, S, H], topk_idx [B, S, k] (-1 = none) -> scalar."""
     seq_len = q.shape[1]
-    ranges = _ranges(ranges, q, ratio)
+    ranges = ranges_or_causal(ranges, q, ratio)
     total = torch.zeros((), dtype=torch.float64, device=q.device)
     count = 0
     for first in range(0, seq_len, chunk_size):
