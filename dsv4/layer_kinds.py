@@ -117,10 +117,11 @@ class LayerKind:
         """Bytes of each of its cache_state terms for one sequence of `tokens` tokens."""
         raise NotImplementedError
 
-    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int,
-                 element_size: int = 2) -> dict[str, float]:
+    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int, element_size: int = 2,
+                 phase: str = "sparse") -> dict[str, float]:
         """Bytes one rank's collectives send for this layer in the forward pass (backward sends as much back),
-        keyed like SequenceParallel.bytes_sent. Without document masking."""
+        keyed like SequenceParallel.bytes_sent, for one sequence of world * shard_len tokens without document
+        masking; `phase` as in attention_counts."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -158,8 +159,8 @@ class WindowKind(V4Kind):
                     element_size: int = 2) -> dict[str, int]:
         return {"window": self.window_cache(cfg, cache_dtype, element_size)}
 
-    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int,
-                 element_size: int = 2) -> dict[str, float]:
+    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int, element_size: int = 2,
+                 phase: str = "sparse") -> dict[str, float]:
         return {"halo": self.halo_bytes(cfg, element_size)}
 
 
@@ -190,13 +191,13 @@ class CSAKind(V4Kind):
                 "open_state": open_state_bytes(cfg.head_dim, ratio, True)
                 + open_state_bytes(cfg.index_head_dim, ratio, True)}
 
-    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int,
-                 element_size: int = 2) -> dict[str, float]:
+    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int, element_size: int = 2,
+                 phase: str = "sparse") -> dict[str, float]:
         """halo: the K=V rows and the hidden states of the last group (the next rank's lookback), m d;
-        all_gather: its L/m entries and L/m indexer keys to the P - 1 other ranks."""
+        all_gather: its L/m entries, and while the indexer runs its L/m indexer keys, to the P - 1 other ranks."""
+        gathered = cfg.head_dim + (cfg.index_head_dim if phase in PHASES_WITH_INDEXER else 0)
         return {"halo": self.halo_bytes(cfg, element_size) + ratio * cfg.hidden_size * element_size,
-                "all_gather": (world - 1) * (shard_len // ratio) * (cfg.head_dim + cfg.index_head_dim)
-                * element_size}
+                "all_gather": (world - 1) * (shard_len // ratio) * gathered * element_size}
 
 
 class HCAKind(V4Kind):
@@ -219,8 +220,8 @@ class HCAKind(V4Kind):
                 "entries": tokens // ratio * row_bytes(cfg, cache_dtype, element_size),
                 "open_state": open_state_bytes(cfg.head_dim, ratio, False)}
 
-    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int,
-                 element_size: int = 2) -> dict[str, float]:
+    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int, element_size: int = 2,
+                 phase: str = "sparse") -> dict[str, float]:
         """halo: the K=V rows (groups never straddle ranks); all_gather: its L/m entries to the P - 1 others."""
         return {"halo": self.halo_bytes(cfg, element_size),
                 "all_gather": (world - 1) * (shard_len // ratio) * cfg.head_dim * element_size}
@@ -247,8 +248,8 @@ class DenseKind(LayerKind):
         """K and V rows of every token, num_key_value_heads each, in the model dtype (never fp8)."""
         return {"dense_kv": tokens * 2 * cfg.num_key_value_heads * cfg.resolved_dense_head_dim * element_size}
 
-    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int,
-                 element_size: int = 2) -> dict[str, float]:
+    def sp_bytes(self, cfg: ModelConfig, ratio: int, shard_len: int, world: int, element_size: int = 2,
+                 phase: str = "sparse") -> dict[str, float]:
         """Ulysses (dsv4/parallel/ulysses.py): all-to-alls of q, k, v and the output, K and V repeated to all H
         heads, each sending (P - 1) / P of its [L, H, d_h] tensor off the rank. (SequenceParallel.bytes_sent
         counts the whole tensors handed to the all-to-all: P / (P - 1) times this.)"""
