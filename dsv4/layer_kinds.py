@@ -83,6 +83,7 @@ class LayerKind:
     name: str  # what ModelConfig.layer_kind returns ("window", "csa", "hca", "dense")
     label: str  # how tables and warnings spell it
     ratio_rule: str  # the compress_ratios values that select it, as the validation message says them
+    fixed_ratio: int | None = None  # the one compress_ratios value that selects it; None: a range (HCA)
     v4: bool = True  # V4 attention (window ring, one K=V head, sink); False: GQA through SDPA
     compressor: bool = False  # compresses groups of `ratio` tokens into entries
     overlap: bool = False  # the compressor's groups overlap (each entry also pools the previous group's half)
@@ -90,7 +91,7 @@ class LayerKind:
     cache_state: tuple[str, ...] = ()  # the CACHE_TERMS its cache holds
 
     def selects(self, ratio: int) -> bool:
-        raise NotImplementedError
+        return ratio == self.fixed_ratio
 
     def compress_ratio(self, ratio: int) -> int:
         """The layer's compression ratio: its compress_ratios entry, or 0 without a compressor."""
@@ -146,11 +147,8 @@ class V4Kind(LayerKind):
 class WindowKind(V4Kind):
     """Window-only attention (SWA): keys(t) = min(t + 1, W)."""
 
-    name, label, ratio_rule = "window", "window", "0 (window-only)"
+    name, label, ratio_rule, fixed_ratio = "window", "window", "0 (window-only)", WINDOW_RATIO
     cache_state = ("window",)
-
-    def selects(self, ratio: int) -> bool:
-        return ratio == WINDOW_RATIO
 
     def attention_counts(self, cfg: ModelConfig, ratio: int, seq_len: int, phase: str) -> AttentionCounts:
         return AttentionCounts(window_keys(seq_len, cfg.sliding_window))
@@ -169,12 +167,9 @@ class CSAKind(V4Kind):
     keys(t) = min(t + 1, W) + n(t) in phases dense and indexer_warmup, min(t + 1, W) + min(index_topk, n(t)) in
     phase sparse; the indexer scores n(t) entries (phases indexer_warmup and sparse; idle in phase dense)."""
 
-    name, label, ratio_rule = "csa", "CSA", "4 (CSA)"
+    name, label, ratio_rule, fixed_ratio = "csa", "CSA", "4 (CSA)", CSA_RATIO
     compressor = overlap = indexer = True
     cache_state = ("window", "entries", "index_keys", "open_state")
-
-    def selects(self, ratio: int) -> bool:
-        return ratio == CSA_RATIO
 
     def attention_counts(self, cfg: ModelConfig, ratio: int, seq_len: int, phase: str) -> AttentionCounts:
         keys = window_keys(seq_len, cfg.sliding_window)
@@ -230,12 +225,9 @@ class HCAKind(V4Kind):
 class DenseKind(LayerKind):
     """The dense causal baseline (GQA through SDPA): keys(t) = t + 1 with H heads of the dense head size."""
 
-    name, label, ratio_rule = "dense", "dense", "-1 (dense causal baseline)"
+    name, label, ratio_rule, fixed_ratio = "dense", "dense", "-1 (dense causal baseline)", DENSE_RATIO
     v4 = False
     cache_state = ("dense_kv",)
-
-    def selects(self, ratio: int) -> bool:
-        return ratio == DENSE_RATIO
 
     def head_dim(self, cfg: ModelConfig) -> int:
         return cfg.resolved_dense_head_dim
@@ -262,6 +254,7 @@ CSA = CSAKind()
 HCA = HCAKind()
 DENSE = DenseKind()
 KINDS: tuple[LayerKind, ...] = (WINDOW, CSA, HCA, DENSE)  # the order the validation message lists them in
+BY_NAME: dict[str, LayerKind] = {kind.name: kind for kind in KINDS}  # command-line names -> kinds
 
 UNSUPPORTED_RATIO = ("unsupported; use " + ", ".join(k.ratio_rule for k in KINDS[:-1]) + " or "
                      + KINDS[-1].ratio_rule)
