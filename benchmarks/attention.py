@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv4.attention import AttentionOptions, DenseAttention, V4Attention  # noqa: E402
 from dsv4.config import ModelConfig  # noqa: E402
+from dsv4.layer_kinds import BY_NAME, DENSE_RATIO  # noqa: E402
 
 PRESETS = {
     "flash": dict(vocab_size=4096, hidden_size=4096, num_hidden_layers=1, intermediate_size=2048,
@@ -59,44 +60,31 @@ PRESETS = {
 
 
 def layer_for(kind: str, base: dict, ratio_hca: int, path: str, chunk: int) -> torch.nn.Module:
-    ratio = {"csa": 4, "hca": ratio_hca, "window": 0, "dense": -1}[kind]
+    spec = BY_NAME[kind]
+    ratio = ratio_hca if spec.fixed_ratio is None else spec.fixed_ratio
     cfg = ModelConfig(**{**base, "compress_ratios": [ratio]})
     backend = {"dense": "torch", "triton-atomic": "triton"}.get(path, path)
     options = AttentionOptions(backend=backend, chunk_size=chunk, phase="sparse", deterministic=path != "triton-atomic")
-    return (DenseAttention if kind == "dense" else V4Attention)(cfg, 0, options)
+    return (V4Attention if spec.v4 else DenseAttention)(cfg, 0, options)
 
 
-def useful_flops(kind: str, cfg: ModelConfig, seq_len: int, ratio: int, layer: torch.nn.Module) -> float:
+def useful_flops(cfg: ModelConfig, seq_len: int, layer: torch.nn.Module) -> float:
+    """The layer's linear maps, plus its kind's attention and indexer FLOPs (dsv4/layer_kinds.py) in phase sparse;
+    indexer scoring forward only (its top-k has no backward)."""
     linear = 2 * seq_len * sum(p.numel() for n, p in layer.named_parameters()
                                if p.dim() == 2 and not n.endswith("ape"))
-    t = torch.arange(seq_len, dtype=torch.float64)
-    if kind == "dense":
-        d_h = cfg.resolved_dense_head_dim
-        return 3 * (linear + 4 * cfg.num_attention_heads * d_h * float((t + 1).sum()))
-    keys = torch.clamp(t + 1, max=cfg.sliding_window)
-    index = 0.0
-    if kind == "hca":
-        keys = keys + torch.div(t + 1, ratio, rounding_mode="floor")
-    if kind == "csa":
-        visible = torch.div(t + 1, 4, rounding_mode="floor")
-        keys = keys + torch.clamp(visible, max=cfg.index_topk)
-        index = 2 * cfg.index_n_heads * cfg.index_head_dim * float(visible.sum())
-    core = 4 * cfg.num_attention_heads * cfg.head_dim * float(keys.sum())
-    return 3 * (linear + core) + index  # indexer scoring: forward only (top-k)
+    core = cfg.layer_spec(0).attention_flops(cfg, cfg.compress_ratios[0], seq_len, "sparse")
+    return 3 * (linear + core["attention"]) + core["indexer"]
 
 
-def core_bytes(kind: str, cfg: ModelConfig, seq_len: int, ratio: int) -> float:
-    if kind == "dense":
+def core_bytes(cfg: ModelConfig, seq_len: int) -> float:
+    spec = cfg.layer_spec(0)
+    if not spec.v4:
         d_h = cfg.resolved_dense_head_dim
         return 2 * (4 * seq_len * cfg.num_attention_heads * d_h + 4 * seq_len * cfg.num_key_value_heads * d_h)
-    t = torch.arange(seq_len, dtype=torch.float64)
-    rows = torch.clamp(t + 1, max=cfg.sliding_window)
-    if kind == "hca":
-        rows = rows + torch.div(t + 1, ratio, rounding_mode="floor")
-    if kind == "csa":
-        rows = rows + torch.clamp(torch.div(t + 1, 4, rounding_mode="floor"), max=cfg.index_topk)
+    rows = spec.attention_counts(cfg, cfg.compress_ratios[0], seq_len, "sparse").keys  # window + compressed
     qo = 4 * seq_len * cfg.num_attention_heads * cfg.head_dim
-    return 2 * (qo + cfg.head_dim * float(rows.sum()) * 2)  # rows read in forward and in backward
+    return 2 * (qo + cfg.head_dim * rows * 2)  # rows read in forward and in backward
 
 
 def train_step(layer, x, positions) -> None:
@@ -187,7 +175,7 @@ def main() -> None:
     print(f"{'kind':<7} {'path':<13} {'S':>7} {'ms':>10} {'TFLOP/s':>8} {'GB/s':>8} {'peak GiB':>9} {'vs dense':>9}")
     layers = {}
     for kind in args.kinds:
-        for path in (["dense"] if kind == "dense" else args.paths):
+        for path in (args.paths if BY_NAME[kind].v4 else ["dense"]):
             torch.manual_seed(0)
             layer = layer_for(kind, base, args.hca_ratio, path, args.chunk).to(device=device, dtype=dtype)
             if hasattr(layer, "attn_sink"):
@@ -205,9 +193,9 @@ def main() -> None:
             if sec is None:
                 print(f"{kind:<7} {path:<13} {seq_len:>7} {'OOM':>10}")
                 continue
-            cfg = layer.cfg if hasattr(layer, "cfg") else ModelConfig(**{**base, "compress_ratios": [-1]})
-            tflops = useful_flops(kind, cfg, seq_len, args.hca_ratio, layer) / sec / 1e12
-            gbs = core_bytes(kind, cfg, seq_len, args.hca_ratio) / sec / 1e9
+            cfg = layer.cfg if hasattr(layer, "cfg") else ModelConfig(**{**base, "compress_ratios": [DENSE_RATIO]})
+            tflops = useful_flops(cfg, seq_len, layer) / sec / 1e12
+            gbs = core_bytes(cfg, seq_len) / sec / 1e9
             peak = peak_memory_gib(layer, x, positions)
             ratio = f"{dense_sec / sec:>8.2f}x" if dense_sec else f"{'':>9}"
             print(f"{kind:<7} {path:<13} {seq_len:>7} {sec * 1e3:>10.2f} {tflops:>8.3f} {gbs:>8.1f} {peak:>9.3f} "

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dsv4.ops.v4_attention.triton as kernels  # noqa: E402
+from dsv4.layer_kinds import BY_NAME, visible_entries, window_keys  # noqa: E402
 from dsv4.ops.ranges import causal_ranges  # noqa: E402
 from dsv4.ops.v4_attention import v4_attention  # noqa: E402
 
@@ -54,12 +55,13 @@ def spread_picks(seq_len: int, ratio: int, k: int, device, gen) -> torch.Tensor:
 
 
 def attended_pairs(mode: str, seq_len: int, window: int, ratio: int, k: int) -> float:
-    t = torch.arange(seq_len, dtype=torch.float64)
-    keys = torch.clamp(t + 1, max=window)
-    if mode != "window":
-        visible = torch.div(t + 1, ratio, rounding_mode="floor")
-        keys = keys + (torch.clamp(visible, max=k) if mode == "csa" else visible)
-    return float(keys.sum())
+    """Keys summed over the queries: the window, plus for a compressed kind its visible entries (with an indexer,
+    the top-k of them); the kinds' formulas in dsv4/layer_kinds.py."""
+    spec = BY_NAME[mode]
+    pairs = window_keys(seq_len, window)
+    if spec.compressor:
+        pairs += visible_entries(seq_len, ratio, k if spec.indexer else None)
+    return float(pairs)
 
 
 def timed(fn, repeats: int, cuda: bool) -> float:
@@ -135,14 +137,15 @@ def main() -> None:
     elem = torch.finfo(dtype).bits // 8
     for seq_len in args.lengths:
         for mode in args.modes:
-            ratio = {"window": 0, "hca": args.hca_ratio, "csa": 4}[mode]
+            spec = BY_NAME[mode]
+            ratio = args.hca_ratio if spec.fixed_ratio is None else spec.fixed_ratio
             n_entries = seq_len // ratio if ratio else 0
             q = torch.randn(1, seq_len, heads, dim, generator=gen).to(device, dtype).requires_grad_()
             kv = torch.randn(1, seq_len, dim, generator=gen).to(device, dtype).requires_grad_()
             sink = torch.zeros(heads, device=device, requires_grad=True)
             ckv = (torch.randn(1, n_entries, dim, generator=gen).to(device, dtype).requires_grad_()
                    if ratio else None)
-            picks = spread_picks(seq_len, 4, topk, device, gen) if mode == "csa" else None
+            picks = spread_picks(seq_len, ratio, topk, device, gen) if spec.indexer else None
             ranges = causal_ranges(1, seq_len, window, ratio, device)
             grad_out = torch.randn(1, seq_len, heads, dim, generator=gen).to(device, dtype)
             pairs = attended_pairs(mode, seq_len, window, ratio, topk)

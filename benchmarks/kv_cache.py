@@ -36,6 +36,7 @@ from dsv4.config import ConfigError, ModelConfig  # noqa: E402
 from dsv4.inference import ModelCache, forward_step  # noqa: E402
 from dsv4.inference.generate import check_device  # noqa: E402
 from dsv4.inference.memory import TERMS, gqa_bytes, mha_bytes, mla_bytes, v4_cache_terms  # noqa: E402
+from dsv4.layer_kinds import CSA, CSA_RATIO, DENSE_RATIO, HCA, WINDOW, WINDOW_RATIO  # noqa: E402
 from dsv4.model import DSV4Model  # noqa: E402
 
 K, M = 2**10, 2**20
@@ -67,10 +68,9 @@ def formula_tables() -> None:
     print("## 1. Cache per sequence by formula (published sizes; baselines of the same depth)\n")
     for name in ("flash", "pro"):
         cfg = preset(name)
-        kinds = {k: sum(1 for r in cfg.compress_ratios if (r == 4) == (k == "CSA") and (r > 4) == (k == "HCA"))
-                 for k in ("CSA", "HCA", "window")}
-        print(f"### {name}: {cfg.num_hidden_layers} layers ({kinds['CSA']} CSA, {kinds['HCA']} HCA, "
-              f"{kinds['window']} window-only), head_dim {cfg.head_dim}, index_head_dim {cfg.index_head_dim}, "
+        kinds = cfg.layer_specs()
+        print(f"### {name}: {cfg.num_hidden_layers} layers ({kinds.count(CSA)} CSA, {kinds.count(HCA)} HCA, "
+              f"{kinds.count(WINDOW)} window-only), head_dim {cfg.head_dim}, index_head_dim {cfg.index_head_dim}, "
               f"window {cfg.sliding_window}\n")
         print("| layout | tokens | B/token (growth) | window | entries | index keys | open state | total | "
               "vs GQA-8 bf16 | vs MLA fp8 | vs MLA bf16 | vs MHA bf16 |")
@@ -160,10 +160,10 @@ def decode_times(model: DSV4Model, contexts: list[int], steps: int, chunk: int =
 def decode_table(contexts: list[int], steps: int, layers: int, device: str = "cpu", dtype: str = "fp32"
                  ) -> tuple[list[float], list[float]]:
     small = yaml.safe_load((ROOT / "conf" / "model" / "small.yaml").read_text())
-    hca = next(r for r in small["compress_ratios"] if r > 4)
-    v4_ratios = [0] + [4 if i % 2 else hca for i in range(1, layers)]  # window, then CSA / HCA alternating
+    hca = next(r for r in small["compress_ratios"] if HCA.selects(r))
+    v4_ratios = [WINDOW_RATIO] + [CSA_RATIO if i % 2 else hca for i in range(1, layers)]  # then CSA / HCA alternating
     models = {}
-    for label, ratios in (("V4", v4_ratios), ("dense", [-1] * layers)):
+    for label, ratios in (("V4", v4_ratios), ("dense", [DENSE_RATIO] * layers)):
         cfg = ModelConfig.from_dict({**small, "num_hidden_layers": layers, "compress_ratios": ratios})
         torch.manual_seed(0)
         models[label] = DSV4Model(cfg, backend="auto").to(device, DTYPES[dtype]).eval()

@@ -36,12 +36,15 @@ sys.path.insert(0, str(ROOT))
 
 from dsv4 import attention as attention_module  # noqa: E402
 from dsv4.attention import V4Attention  # noqa: E402
+from dsv4.layer_kinds import KINDS  # noqa: E402
 from dsv4.ops.ranges import causal_ranges  # noqa: E402
 from dsv4.ops.v4_attention.naive import v4_attention_mask  # noqa: E402
 
+COMPRESSED_KINDS = tuple(kind.name for kind in KINDS if kind.compressor)  # ("csa", "hca"): layers with entries
+
 
 @contextlib.contextmanager
-def without_compressed_entries(model: torch.nn.Module, kinds: tuple[str, ...] = ("csa", "hca")):
+def without_compressed_entries(model: torch.nn.Module, kinds: tuple[str, ...] = COMPRESSED_KINDS):
     """V4 layers of `kinds` attend without their compressed entries (window rows and sink only) inside the block."""
     hooks = [m.compressor.register_forward_hook(lambda _m, _args, out: out[:, :0])
              for m in model.modules() if isinstance(m, V4Attention) and m.kind in kinds]
@@ -160,13 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/quality_ablation.py", description=__doc__.splitlines()[0])
     p.add_argument("out", help="the quality experiment's output directory")
     p.add_argument("--batches", type=int, default=8, help="held-out batches (the experiment evaluates on 8)")
-    p.add_argument("--drop", default="csa,hca", help="V4 layer kinds whose compressed entries are dropped")
+    p.add_argument("--drop", default=",".join(COMPRESSED_KINDS),
+                   help="V4 layer kinds whose compressed entries are dropped")
     p.add_argument("--swap", type=int, default=192, help="far swap: tokens replaced at each sequence's start")
     p.add_argument("--out", dest="json_out", default=None, help="write the results here (JSON)")
     args = p.parse_args(argv)
     drop = tuple(k.strip() for k in args.drop.split(",") if k.strip())
-    if not drop or set(drop) - {"csa", "hca"}:
-        p.error(f"--drop={args.drop}: choose from csa, hca")
+    if not drop or set(drop) - set(COMPRESSED_KINDS):
+        p.error(f"--drop={args.drop}: choose from {', '.join(COMPRESSED_KINDS)}")
     results = [ablate(run, args.batches, drop, args.swap) for run in finished_runs(Path(args.out))]
     print(table(results))
     far = results[0]["far_swap"]

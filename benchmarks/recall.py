@@ -60,6 +60,8 @@ from quality import (  # noqa: E402  (a sibling script: benchmarks/ is on the pa
     trial_jobs,
 )
 
+from dsv4.layer_kinds import BY_NAME  # noqa: E402
+
 EXPERIMENT = "recall"
 TOY = ["train.steps=4", "train.micro_batch_size=2", "train.warmup_steps=1", "train.phases.dense_steps=1",
        "train.phases.indexer_warmup_steps=1", "train.eval_interval=2", "train.eval_batches=1", "train.save_interval=2",
@@ -109,7 +111,7 @@ def evaluate_run(job, out: Path, train, docs: int) -> list[dict[str, Any]]:
         phase = phase_for_step(train, step - 1)
         result = evaluate_checkpoint(job, out, checkpoint, step, phase, docs)
         hits = result
-        if phase != "sparse" and "csa" in result["layers"]:
+        if phase != "sparse" and any(BY_NAME[kind].indexer for kind in result["layers"]):  # picks: sparse only
             hits = evaluate_checkpoint(job, out, checkpoint, step, "sparse", docs)
         points.append({"step": step, "phase": phase, "recall": result["recall"], "hits": _hit_rates(hits)})
     return points

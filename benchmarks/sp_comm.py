@@ -4,7 +4,7 @@
     python benchmarks/sp_comm.py --measure             # also run the tiny model on 4 CPU ranks and count
                                                        # the tensors our collectives actually send
 
-Our scheme (dsv4/parallel): per layer each rank
+Our scheme (dsv4/parallel; the formulas are the layer kinds' sp_bytes, dsv4/layer_kinds.py): per layer each rank
   - shifts its last (window - 1) K=V rows to the next rank                       (W-1) * c
   - CSA: shifts the hidden states of its last group (the next rank's lookback)   m * d
   - all-gathers its compressed entries: it sends its L/m entries to P-1 ranks    (P-1) * (L/m) * c
@@ -32,26 +32,24 @@ sys.path.insert(0, str(ROOT))
 from omegaconf import OmegaConf  # noqa: E402
 
 from dsv4.config import ModelConfig  # noqa: E402
+from dsv4.layer_kinds import BY_NAME, CSA, HCA, WINDOW, LayerKind  # noqa: E402
+
+V4_KINDS = (CSA, HCA, WINDOW)  # the table's rows, in this order
 
 
-def ours_bytes(cfg: ModelConfig, kind: str, seq_len: int, world: int, elem: int = 2) -> dict[str, float]:
+def kind_ratio(cfg: ModelConfig, kind: LayerKind) -> int:
+    """The compression ratio of this kind's layers in cfg (the largest, if they differ)."""
+    return max(r for r, spec in zip(cfg.compress_ratios, cfg.layer_specs()) if spec is kind)
+
+
+def ours_bytes(cfg: ModelConfig, kind: LayerKind, seq_len: int, world: int, elem: int = 2) -> dict[str, float]:
+    """What one rank's collectives send for a layer of this kind (the kind's formula, dsv4/layer_kinds.py)."""
+    return kind.sp_bytes(cfg, kind_ratio(cfg, kind), seq_len // world, world, elem)
+
+
+def ulysses_bytes(cfg: ModelConfig, kind: LayerKind, seq_len: int, world: int, elem: int = 2) -> float:
     shard = seq_len // world
-    c, d = cfg.head_dim, cfg.hidden_size
-    out = {"halo": (cfg.sliding_window - 1) * c * elem}
-    if kind == "dense":
-        return {}
-    if kind == "csa":
-        out["halo"] += 4 * d * elem
-        out["all_gather"] = (world - 1) * (shard // 4) * (c + cfg.index_head_dim) * elem
-    elif kind == "hca":
-        ratio = max(r for r in cfg.compress_ratios if r > 4)
-        out["all_gather"] = (world - 1) * (shard // ratio) * c * elem
-    return out
-
-
-def ulysses_bytes(cfg: ModelConfig, kind: str, seq_len: int, world: int, elem: int = 2) -> float:
-    shard = seq_len // world
-    if kind == "dense":  # a standard layer of the same width: q, k, v, o all-to-all
+    if not kind.v4:  # a standard layer of the same width: q, k, v, o all-to-all
         dh = cfg.resolved_dense_head_dim
         heads = 2 * cfg.num_attention_heads + 2 * max(cfg.num_key_value_heads, 1)
         return heads * shard * dh * elem * (world - 1) / world
@@ -72,12 +70,12 @@ def table(presets: list[str], lengths: list[int], world: int) -> None:
     print(f"{'preset':<7} {'layer':<7} {'S':>8} {'ours':>12} {'Ulysses':>12} {'Ulysses/ours':>13}")
     for preset in presets:
         cfg = ModelConfig.from_dict(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{preset}.yaml")))
-        kinds = [k for k in ("csa", "hca", "window") if k in {cfg.layer_kind(i) for i in range(cfg.num_hidden_layers)}]
+        kinds = [k for k in V4_KINDS if k in cfg.layer_specs()]
         for seq_len in lengths:
             for kind in kinds:
                 ours = sum(ours_bytes(cfg, kind, seq_len, world).values())
                 uly = ulysses_bytes(cfg, kind, seq_len, world)
-                print(f"{preset:<7} {kind:<7} {seq_len:>8} {fmt(ours):>12} {fmt(uly):>12} {uly / ours:>12.1f}x")
+                print(f"{preset:<7} {kind.name:<7} {seq_len:>8} {fmt(ours):>12} {fmt(uly):>12} {uly / ours:>12.1f}x")
 
 
 MEASURE_WORKER = r"""
@@ -91,7 +89,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 cfg = dict(json.loads(sys.argv[2]))
 seq_len = int(sys.argv[3])
 results = {}
-for kind, ratio in (("csa", 4), ("hca", max(r for r in cfg["compress_ratios"] if r > 4)), ("window", 0)):
+for kind, ratio in json.loads(sys.argv[4]):
     torch.manual_seed(0)
     model = build_model(dict(cfg, num_hidden_layers=1, compress_ratios=[ratio]), phase="sparse").bfloat16()
     sp = SequenceParallel(dist.group.WORLD, rank, world, seq_len // world)
@@ -113,7 +111,8 @@ def measure(world: int, seq_len: int) -> None:
         f.write(MEASURE_WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     res = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node",
-                          str(world), f.name, str(ROOT), json.dumps(cfg.to_dict()), str(seq_len)],
+                          str(world), f.name, str(ROOT), json.dumps(cfg.to_dict()), str(seq_len),
+                          json.dumps([[kind.name, kind_ratio(cfg, kind)] for kind in V4_KINDS])],
                          capture_output=True, text=True, env=env, timeout=600)
     os.unlink(f.name)
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -123,7 +122,7 @@ def measure(world: int, seq_len: int) -> None:
     print(f"\n# measured on {world} CPU ranks (tiny preset, S = {seq_len}, bf16): bytes rank 1 sent, one layer")
     print(f"{'layer':<7} {'measured':>12} {'formula':>12}")
     for kind, counts in measured.items():
-        formula = sum(ours_bytes(cfg, kind, seq_len, world).values())
+        formula = sum(ours_bytes(cfg, BY_NAME[kind], seq_len, world).values())
         print(f"{kind:<7} {sum(counts.values()):>12,} {int(formula):>12,}   {counts}")
 
 

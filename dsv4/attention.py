@@ -50,11 +50,12 @@ class V4Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
         super().__init__()
         self.cfg, self.options = cfg, options
-        self.kind = cfg.layer_kind(layer_idx)
-        self.ratio = cfg.compress_ratios[layer_idx] if self.kind in ("csa", "hca") else 0
+        self.spec = cfg.layer_spec(layer_idx)  # what this kind of layer has (dsv4/layer_kinds.py)
+        self.kind = self.spec.name
+        self.ratio = self.spec.compress_ratio(cfg.compress_ratios[layer_idx])
         self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.softmax_scale = cfg.head_dim ** -0.5  # no YaRN temperature anywhere
-        if self.ratio:
+        if self.spec.compressor:  # compressed layers reach far back: the longer-wave RoPE with YaRN
             self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.rope_scaling)
         else:
             self.rotary = Rotary(cfg.qk_rope_head_dim, cfg.rope_theta, None)
@@ -68,10 +69,10 @@ class V4Attention(nn.Module):
         self.wo_a = GroupedLinear(cfg.o_groups, heads_per_group * cfg.head_dim, cfg.o_lora_rank)
         self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.hidden_size)
         self.attn_sink = nn.Parameter(torch.zeros(cfg.num_attention_heads, dtype=torch.float32))
-        if self.ratio:
+        if self.spec.compressor:
             self.compressor = Compressor(cfg.hidden_size, cfg.head_dim, self.ratio,
-                                         overlap=self.ratio == CSA_RATIO, eps=cfg.rms_norm_eps)
-        if self.kind == "csa":
+                                         overlap=self.spec.overlap, eps=cfg.rms_norm_eps)
+        if self.spec.indexer:
             self.indexer = Indexer(cfg, self.ratio)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, start_pos: int = 0, documents: bool = False,
@@ -153,6 +154,7 @@ class DenseAttention(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
         super().__init__()
+        self.spec = cfg.layer_spec(layer_idx)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.resolved_dense_head_dim
         self.wq = Linear(cfg.hidden_size, self.n_heads * self.head_dim)

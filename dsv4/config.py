@@ -1,6 +1,6 @@
 """Model configuration: DeepSeek V4 `config.json` key names, validated with errors that name the key.
 
-`compress_ratios` holds one entry per layer:
+`compress_ratios` holds one entry per layer; the entry selects the layer's kind (dsv4/layer_kinds.py):
   0   window-only attention (SWA),
   4   Compressed Sparse Attention (overlapping 4-token compressor + lightning indexer + top-k),
   r>4 Heavily Compressed Attention with non-overlapping groups of r tokens (128 in DeepSeek V4),
@@ -14,9 +14,12 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-WINDOW = 0
-CSA_RATIO = 4
-DENSE = -1
+from dsv4.layer_kinds import CSA_RATIO as CSA_RATIO
+from dsv4.layer_kinds import DENSE_RATIO, UNSUPPORTED_RATIO, WINDOW_RATIO, LayerKind, find_kind
+
+# compress_ratios values (the kinds' ratio rules live in dsv4/layer_kinds.py)
+WINDOW = WINDOW_RATIO
+DENSE = DENSE_RATIO
 
 
 class ConfigError(ValueError):
@@ -124,14 +127,20 @@ class ModelConfig:
 
     # ----------------------------------------------------------------------------------------
     def layer_kind(self, layer: int) -> str:
-        r = self.compress_ratios[layer]
-        if r == WINDOW:
-            return "window"
-        if r == CSA_RATIO:
-            return "csa"
-        if r == DENSE:
-            return "dense"
-        return "hca"
+        """The layer's kind by name: "window", "csa", "hca" or "dense"."""
+        return self.layer_spec(layer).name
+
+    def layer_spec(self, layer: int) -> LayerKind:
+        """The layer's kind (dsv4/layer_kinds.py): its parts, FLOPs, cache and sequence-parallel traffic."""
+        ratio = self.compress_ratios[layer]
+        kind = find_kind(ratio)
+        if kind is None:
+            raise ConfigError(f"compress_ratios[{layer}]={ratio}: {UNSUPPORTED_RATIO}")
+        return kind
+
+    def layer_specs(self) -> list[LayerKind]:
+        """Every layer's kind, in order."""
+        return [self.layer_spec(i) for i in range(len(self.compress_ratios))]
 
     @property
     def nope_head_dim(self) -> int:
@@ -164,12 +173,8 @@ class ModelConfig:
         need(len(self.compress_ratios) == self.num_hidden_layers, "compress_ratios",
              f"needs one entry per layer: got {len(self.compress_ratios)} for "
              f"num_hidden_layers={self.num_hidden_layers}")
-        for i, r in enumerate(self.compress_ratios):
-            if not (r in (WINDOW, CSA_RATIO, DENSE) or r > CSA_RATIO):
-                raise ConfigError(
-                    f"compress_ratios[{i}]={r}: unsupported; use 0 (window-only), 4 (CSA), an HCA ratio > 4 "
-                    "(128 in DeepSeek V4) or -1 (dense causal baseline)")
-        if DENSE in self.compress_ratios:
+        specs = self.layer_specs()  # a ConfigError naming compress_ratios[i] for an entry no kind takes
+        if any(not spec.v4 for spec in specs):
             dh = self.resolved_dense_head_dim
             need(self.hidden_size % self.num_attention_heads == 0 or self.dense_head_dim is not None,
                  "hidden_size", "must be divisible by num_attention_heads for dense layers (or set dense_head_dim)")

@@ -35,7 +35,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: AttentionOptions) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        attn_cls = DenseAttention if cfg.layer_kind(layer_idx) == "dense" else V4Attention
+        attn_cls = V4Attention if cfg.layer_spec(layer_idx).v4 else DenseAttention
         self.attn = attn_cls(cfg, layer_idx, options)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ffn = SwiGLU(cfg.hidden_size, cfg.intermediate_size)

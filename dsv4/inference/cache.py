@@ -130,10 +130,10 @@ class V4LayerCache:
         self.ring = RowBuffer(kv_layout(cache_dtype, cfg.head_dim, cfg.qk_rope_head_dim, dtype), batch,
                               self.window, device, growable=False)  # [B, W, c]
         self.compressor = self.indexer = None
-        if attn.ratio:
+        if attn.spec.compressor:
             self.compressor = CompressorState(attn.compressor, kv_layout(cache_dtype, cfg.head_dim,
                                                                          cfg.qk_rope_head_dim, dtype), batch, device)
-        if attn.kind == "csa":
+        if attn.spec.indexer:
             self.indexer = CompressorState(attn.indexer.compressor,
                                            index_key_layout(cache_dtype, cfg.index_head_dim, dtype), batch, device)
         self.last_topk: torch.Tensor | None = None  # the CSA picks of the latest step [B, T, k]
@@ -234,10 +234,9 @@ class ModelCache:
     def __init__(self, model, batch: int, cache_dtype: str = "model") -> None:
         param = model.embed.weight
         self.cache_dtype, self.dtype, self.device = cache_dtype, param.dtype, param.device
-        self.layers = [DenseLayerCache(block.attn, batch, self.dtype, self.device)
-                       if isinstance(block.attn, DenseAttention) else
-                       V4LayerCache(block.attn, batch, cache_dtype, self.dtype, self.device)
-                       for block in model.layers]
+        self.layers = [V4LayerCache(block.attn, batch, cache_dtype, self.dtype, self.device)
+                       if block.attn.spec.v4 else DenseLayerCache(block.attn, batch, self.dtype, self.device)
+                       for block in model.layers]  # each layer keeps its kind's cache_state (dsv4/layer_kinds.py)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)  # tokens held per sequence
 
     @property

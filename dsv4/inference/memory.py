@@ -10,8 +10,9 @@ d_I = index_head_dim, W = sliding_window; a "row" is a K=V row or a compressed e
   open state       fp32, fixed: CSA 4 x (2 x 2d values + logits of the open group, 2 x d of the lookback) and the
                    same at d_I for its indexer; HCA m x 2d (values + logits of the open group)
   dense K/V        dense baseline layers: T x 2 x num_key_value_heads x dense head dim x b
-Nothing here looks at a cache object: benchmarks/kv_cache.py and the tests compare these numbers with the bytes read
-off a real ModelCache.
+The formulas are the layer kinds' (LayerKind.cache_bytes in dsv4/layer_kinds.py); this module sums them over the
+layers. Nothing here looks at a cache object: benchmarks/kv_cache.py and the tests compare these numbers with the
+bytes read off a real ModelCache.
 
 Baselines of the same depth L: GQA (2 n_kv d_kv per token per layer; the report's is 8 x 128 in bf16), V3.2's MLA
 (a 512 + 64 latent per token per layer, plus its 128-dim indexer key; release layout 656 + 132 bytes) and MHA
@@ -20,49 +21,20 @@ Baselines of the same depth L: GQA (2 n_kv d_kv per token per layer; the report'
 
 from __future__ import annotations
 
-import math
+from dsv4.config import ModelConfig
+from dsv4.layer_kinds import CACHE_TERMS
 
-from dsv4.config import CSA_RATIO, ModelConfig
-
-TERMS = ("window", "entries", "index_keys", "open_state", "dense_kv")
-FP32 = 4
-
-
-def row_bytes(cfg: ModelConfig, cache_dtype: str, element_size: int) -> int:
-    if cache_dtype == "fp8":
-        nope = cfg.head_dim - cfg.qk_rope_head_dim
-        return nope + math.ceil(nope / 64) + 2 * cfg.qk_rope_head_dim
-    return cfg.head_dim * element_size
-
-
-def index_key_bytes(cfg: ModelConfig, cache_dtype: str, element_size: int) -> int:
-    return cfg.index_head_dim + 4 if cache_dtype == "fp8" else cfg.index_head_dim * element_size
-
-
-def open_state_bytes(dim: int, ratio: int, overlap: bool) -> int:
-    if overlap:  # the open group's values + logits at 2 dim, the lookback half's values + logits at dim
-        return ratio * (2 * 2 * dim + 2 * dim) * FP32
-    return ratio * 2 * dim * FP32
+TERMS = CACHE_TERMS
 
 
 def v4_cache_terms(cfg: ModelConfig, tokens: int, cache_dtype: str = "model", element_size: int = 2
                    ) -> dict[str, int]:
     """Bytes of each term for one sequence of `tokens` tokens, and their `total`."""
     terms = dict.fromkeys(TERMS, 0)
-    row, key = row_bytes(cfg, cache_dtype, element_size), index_key_bytes(cfg, cache_dtype, element_size)
-    for ratio in cfg.compress_ratios:
-        if ratio < 0:
-            terms["dense_kv"] += tokens * 2 * cfg.num_key_value_heads * cfg.resolved_dense_head_dim * element_size
-            continue
-        terms["window"] += cfg.sliding_window * row
-        if ratio == CSA_RATIO:
-            terms["entries"] += tokens // ratio * row
-            terms["index_keys"] += tokens // ratio * key
-            terms["open_state"] += open_state_bytes(cfg.head_dim, ratio, True)
-            terms["open_state"] += open_state_bytes(cfg.index_head_dim, ratio, True)
-        elif ratio > CSA_RATIO:
-            terms["entries"] += tokens // ratio * row
-            terms["open_state"] += open_state_bytes(cfg.head_dim, ratio, False)
+    for layer, spec in enumerate(cfg.layer_specs()):
+        for term, size in spec.cache_bytes(cfg, cfg.compress_ratios[layer], tokens, cache_dtype,
+                                           element_size).items():
+            terms[term] += size
     terms["total"] = sum(terms.values())
     return terms
 

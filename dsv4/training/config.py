@@ -290,17 +290,18 @@ def config_warnings(run: RunConfig) -> list[str]:
 def _attention_warnings(run: RunConfig) -> list[str]:
     """Model settings that do nothing, or silently change what a layer does, at train.seq_len."""
     m, seq_len, warnings = run.model, run.train.seq_len, []
+    specs = m.layer_specs()
     entries = seq_len // CSA_RATIO
-    if CSA_RATIO in m.compress_ratios and m.index_topk > entries:
+    if any(spec.indexer for spec in specs) and m.index_topk > entries:
         warnings.append(f"warning: model.index_topk={m.index_topk} > {entries}, the compressed entries a sequence of "
                         f"train.seq_len={seq_len} tokens has (seq_len // 4): CSA attends to every entry (dense), "
                         f"not a top-k; lower model.index_topk or raise train.seq_len")
-    if DENSE not in m.compress_ratios and m.num_key_value_heads != 1:
+    if all(spec.v4 for spec in specs) and m.num_key_value_heads != 1:
         warnings.append(f"warning: model.num_key_value_heads={m.num_key_value_heads} has no effect: no layer is dense "
                         "(compress_ratios entry -1); it sizes only the dense baseline's GQA")
-    for i, r in enumerate(m.compress_ratios):
-        if r > seq_len:
-            warnings.append(f"warning: layer {i} ({'CSA' if r == CSA_RATIO else 'HCA'}) has compression ratio {r} > "
+    for i, (r, spec) in enumerate(zip(m.compress_ratios, specs)):
+        if spec.compressor and r > seq_len:
+            warnings.append(f"warning: layer {i} ({spec.label}) has compression ratio {r} > "
                             f"train.seq_len={seq_len}: it never emits a compressed entry and attends only to its "
                             "sliding window; raise train.seq_len or lower the ratio")
     return warnings
@@ -315,7 +316,7 @@ def _schedule_warnings(run: RunConfig) -> list[str]:
         warnings.append(f"warning: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}: the LR never reaches "
                         f"its peak (train.lr={t.lr:g}) and never decays; lower train.warmup_steps")
     sparse_from = t.phases.dense_steps + t.phases.indexer_warmup_steps
-    if CSA_RATIO in run.model.compress_ratios and sparse_from >= t.steps:
+    if any(spec.indexer for spec in run.model.layer_specs()) and sparse_from >= t.steps:
         warnings.append(f"warning: train.steps={t.steps} ends before the sparse CSA phase (train.phases.dense_steps="
                         f"{t.phases.dense_steps} + indexer_warmup_steps={t.phases.indexer_warmup_steps}): no top-k "
                         "attention is trained; lower the phases or raise train.steps")

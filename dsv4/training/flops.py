@@ -6,8 +6,9 @@ Per sequence of S tokens (queries t = 0 .. S-1), training FLOPs are
   + 3 * sum over layers of 4 * H * d * sum_t keys(t)                     (attention: QK^T and PV, 2 FLOPs per MAC)
   + 3 * sum over CSA layers of 2 * H_I * d_I * sum_t n(t)                (the lightning indexer's scores, when it runs)
 
-where 3 = forward + backward (backward ~ 2x forward), and per layer type, with W = sliding_window, m the layer's
-compression ratio and n(t) = (t + 1) // m the compressed entries visible to query t:
+where 3 = forward + backward (backward ~ 2x forward), and per layer kind (the formulas live in dsv4/layer_kinds.py),
+with W = sliding_window, m the layer's compression ratio and n(t) = (t + 1) // m the compressed entries visible to
+query t:
 
     window-only (ratio 0):  keys(t) = min(t + 1, W)
     HCA (ratio m > 4):      keys(t) = min(t + 1, W) + n(t)                          (every visible entry)
@@ -47,34 +48,12 @@ PEAK_TFLOPS_BF16: list[tuple[str, float]] = [
 ]
 
 
-def _window_keys(seq_len: int, window: int) -> int:
-    t = torch.arange(seq_len, dtype=torch.int64)
-    return int(torch.clamp(t + 1, max=window).sum())
-
-
-def _visible(seq_len: int, ratio: int) -> torch.Tensor:
-    return (torch.arange(seq_len, dtype=torch.int64) + 1) // ratio  # n(t) per query  [S]
-
-
 def layer_attention_counts(cfg: ModelConfig, layer: int, seq_len: int, phase: str) -> dict[str, int | str]:
-    """Per layer: its kind, the keys summed over all queries, and the indexer's scored entries summed over queries."""
-    kind = cfg.layer_kind(layer)
-    ratio = cfg.compress_ratios[layer]
-    if kind == "dense":
-        return {"kind": kind, "keys": seq_len * (seq_len + 1) // 2, "indexer_entries": 0}
-    keys = _window_keys(seq_len, cfg.sliding_window)
-    indexer = 0
-    if kind == "hca":
-        keys += int(_visible(seq_len, ratio).sum())
-    elif kind == "csa":
-        visible = _visible(seq_len, ratio)
-        if phase == "sparse":
-            keys += int(torch.clamp(visible, max=cfg.index_topk).sum())
-        else:
-            keys += int(visible.sum())
-        if phase in ("indexer_warmup", "sparse"):
-            indexer = int(visible.sum())
-    return {"kind": kind, "keys": keys, "indexer_entries": indexer}
+    """Per layer: its kind, the keys summed over all queries, and the indexer's scored entries summed over queries
+    (the kind's formula, dsv4/layer_kinds.py)."""
+    spec = cfg.layer_spec(layer)
+    counts = spec.attention_counts(cfg, cfg.compress_ratios[layer], seq_len, phase)
+    return {"kind": spec.name, "keys": counts.keys, "indexer_entries": counts.indexer_entries}
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -92,11 +71,9 @@ def attention_flops_per_sequence(cfg: ModelConfig, seq_len: int, phase: str) -> 
     """Forward + backward attention and indexer FLOPs for one sequence (see the module docstring)."""
     total = 0.0
     for layer in range(cfg.num_hidden_layers):
-        counts = layer_attention_counts(cfg, layer, seq_len, phase)
-        heads = cfg.num_attention_heads
-        head_dim = cfg.resolved_dense_head_dim if counts["kind"] == "dense" else cfg.head_dim
-        total += 3 * 4 * heads * head_dim * counts["keys"]
-        total += 3 * 2 * cfg.index_n_heads * cfg.index_head_dim * counts["indexer_entries"]
+        forward = cfg.layer_spec(layer).attention_flops(cfg, cfg.compress_ratios[layer], seq_len, phase)
+        total += 3 * forward["attention"]
+        total += 3 * forward["indexer"]
     return total
 
 

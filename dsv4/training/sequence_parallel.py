@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dsv4.config import CSA_RATIO, ConfigError, ModelConfig
+from dsv4.config import ConfigError, ModelConfig
 from dsv4.parallel import SequenceParallel
 from dsv4.parallel.collectives import all_reduce_sum
 
@@ -43,7 +43,8 @@ def check_sequence_parallel(sp_size: int, world: int, seq_len: int, model: Model
     if seq_len % sp_size:
         raise ConfigError(f"{key}={sp_size}: must divide train.seq_len ({seq_len})")
     shard = seq_len // sp_size
-    ratios = sorted({r for r in model.compress_ratios if r > 0})
+    specs = model.layer_specs()
+    ratios = sorted({r for r, spec in zip(model.compress_ratios, specs) if spec.compressor})
     for r in ratios:
         if shard % r:
             raise ConfigError(f"{key}={sp_size}: the shard length train.seq_len / {sp_size} = {shard} must be a "
@@ -51,10 +52,10 @@ def check_sequence_parallel(sp_size: int, world: int, seq_len: int, model: Model
     if shard < model.sliding_window - 1:
         raise ConfigError(f"{key}={sp_size}: the shard length {shard} must be >= sliding_window - 1 "
                           f"({model.sliding_window - 1}): the window halo comes from the previous rank only")
-    if -1 in model.compress_ratios and model.num_attention_heads % sp_size:
+    if any(not spec.v4 for spec in specs) and model.num_attention_heads % sp_size:
         raise ConfigError(f"{key}={sp_size}: dense layers use Ulysses, which needs num_attention_heads "
                           f"({model.num_attention_heads}) divisible by it")
-    if CSA_RATIO in ratios and shard < CSA_RATIO:
+    if any(spec.overlap and shard < r for r, spec in zip(model.compress_ratios, specs)):  # lookback: one rank back
         raise ConfigError(f"{key}={sp_size}: the shard length {shard} is shorter than a CSA group")
 
 

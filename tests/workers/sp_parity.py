@@ -26,6 +26,18 @@ CASES = [([0, 0], "sparse"), ([4, 4], "dense"), ([4, 4], "indexer_warmup"), ([4,
 COEF = 0.5
 
 
+def traffic_formula(cfg, shard: int, world: int, phase: str, batch: int) -> dict[str, float]:
+    """What the layer kinds (dsv4/layer_kinds.py) say this rank's forward collectives send, keyed like
+    SequenceParallel.bytes_sent, fp32. Its Ulysses counter counts the whole tensors handed to the all-to-all, the
+    formula the (P - 1) / P of them that leave the rank."""
+    total: dict[str, float] = {}
+    for spec, ratio in zip(cfg.layer_specs(), cfg.compress_ratios):
+        for key, size in spec.sp_bytes(cfg, ratio, shard, world, element_size=4, phase=phase).items():
+            scale = world / (world - 1) if key == "ulysses_all_to_all" else 1
+            total[key] = total.get(key, 0) + batch * size * scale
+    return total
+
+
 def main() -> None:
     import deepspeed  # Ulysses (the dense baseline under SP) runs on deepspeed.comm
 
@@ -61,8 +73,10 @@ def main() -> None:
         ref_loss.backward()
 
         mine = slice(rank * shard, (rank + 1) * shard)
+        sp.bytes_sent.clear()
         out_sp = model(inputs[:, mine], labels=labels[:, mine],
                        positions=positions[:, mine] if positions is not None else None)
+        bytes_sent = dict(sp.bytes_sent)  # the forward's collectives (the backward's are not counted)
         total_tokens = all_reduce_sum(out_sp.num_tokens, sp)
         loss = out_sp.lm_loss_sum / total_tokens  # local sum / global count; gradients summed over SP ranks
         if out_sp.indexer_loss is not None:
@@ -82,7 +96,9 @@ def main() -> None:
         logits_err = [0.0] * world
         dist.all_gather_object(logits_err, float((out_sp.logits - out.logits[:, mine]).abs().max()))
         results.append(dict(ratios=ratios, phase=phase, ref_loss=float(ref_loss), sp_loss=float(sp_loss),
-                            worst_grad_rel_err=worst, worst_grad=worst_name, logits_err_per_rank=logits_err))
+                            worst_grad_rel_err=worst, worst_grad=worst_name, logits_err_per_rank=logits_err,
+                            bytes_sent=bytes_sent, bytes_formula=traffic_formula(ref.config, shard, world, phase,
+                                                                                 batch=inputs.shape[0])))
     if rank == 0:
         with open(sys.argv[3], "w") as f:
             json.dump(results, f, indent=1)
