@@ -24,7 +24,8 @@ from torch import nn
 
 from dsv4.attention_stats import indexer_recall
 from dsv4.compressor import Compressor, Indexer
-from dsv4.config import CSA_RATIO, ModelConfig
+from dsv4.config import ModelConfig
+from dsv4.layer_kinds import PHASES_WITH_INDEXER
 from dsv4.layers import GroupedLinear, Linear, RMSNorm, rms_normalize
 from dsv4.ops.indexer import indexer_kl_loss, indexer_topk
 from dsv4.ops.v4_attention import v4_attention
@@ -93,7 +94,7 @@ class V4Attention(nn.Module):
             compressed = None
 
         index = topk_idx = None
-        if self.kind == "csa" and compressed is not None and opts.phase in ("indexer_warmup", "sparse"):
+        if self.spec.indexer and compressed is not None and opts.phase in PHASES_WITH_INDEXER:
             index = (self.indexer.queries(q_latent.detach(), self.rotary, positions), rows.index_keys(),
                      self.indexer.head_weights(x.detach()))
             if opts.phase == "sparse":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv4.config import CSA_RATIO
 from dsv4.ops.ranges import AttentionRanges, entry_ranges, group_starts
 from dsv4.parallel.collectives import (
     SequenceParallel,
@@ -85,7 +84,7 @@ class SequenceRows(SequenceShardRows):
         self.layer, self.x, self.start_pos, self.sp = layer, x, start_pos, sp
         self.kv, row, window_lo = halo_and_window(kv, sp, window)
         self.x_prefixed = None
-        if ratio == CSA_RATIO:  # the first entry's lookback series comes from the previous rank's last group
+        if layer.spec.overlap:  # the first entry's lookback series comes from the previous rank's last group
             self.x_prefixed = torch.cat((shift_to_next_rank(x[:, seq_len - ratio:], sp), x), dim=1)
         t = row - halo
         cmp_hi = (sp.start + t + 1) // ratio if ratio else torch.zeros_like(t)
@@ -139,7 +138,7 @@ class SequenceDocumentRows(SequenceShardRows):
         cfg, r = layer.cfg, layer.ratio
         batch, seq_len, _ = x.shape
         window, halo = cfg.sliding_window, cfg.sliding_window - 1
-        prefix = (2 * r - 1 if r == CSA_RATIO else r - 1) if r else 0
+        prefix = (2 * r - 1 if layer.spec.overlap else r - 1) if r else 0
         if seq_len < max(halo, prefix, r):
             raise ValueError(f"sequence parallelism with document masking: shard length {seq_len} must be >= "
                              f"sliding_window - 1 ({halo}), the ratio ({r}) and the compressor prefix ({prefix})")
