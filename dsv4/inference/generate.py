@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data_pipelines.tokenizer import EOS_CANDIDATES
 from dsv4.config import ConfigError
 from dsv4.inference.cache import ModelCache
 from dsv4.inference.step import forward_step
@@ -190,8 +191,6 @@ def generate(model, tokenizer, prompts: str | list[str], max_new_tokens: int = 6
             raise ConfigError(f"prompt {i}: empty text")
     ids = [tokenizer.encode(text).ids for text in prompts]
     if eos_id is None and stop_at_eos:
-        from data_pipelines.tokenizer import EOS_CANDIDATES
-
         eos_id = next((tokenizer.token_to_id(t) for t in EOS_CANDIDATES if tokenizer.token_to_id(t) is not None),
                       None)
     tokens, stats = generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, cache_dtype,

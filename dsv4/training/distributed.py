@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from dsv4.config import ConfigError
 from dsv4.training.build_lock import prepare_jit_builds
 
 T = TypeVar("T")
@@ -96,8 +97,6 @@ def shutdown(exit_code: int = 0) -> None:
 def decided_by_rank0(decide: Callable[[], T]) -> T:
     """Collective: `decide()` runs on global rank 0 only and every rank gets its result. A ConfigError it raises is
     raised on every rank (so every rank stops with the same message instead of waiting for rank 0)."""
-    from dsv4.config import ConfigError
-
     box: list = [None, None]
     if dist.get_rank() == 0:
         try:
