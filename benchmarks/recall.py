@@ -102,7 +102,7 @@ def evaluate_checkpoint(job, out: Path, checkpoint: Path, step: int, phase: str,
 def evaluate_run(job, out: Path, train, docs: int) -> list[dict[str, Any]]:
     """Every checkpoint of the run: its recall at the phase it was trained in, and for a CSA model whose
     checkpoint predates the sparse phase, the indexer hit rate read in the sparse phase."""
-    from dsv4.training.config import phase_for_step
+    from dsv4.run_config import phase_for_step
 
     points = []
     for step, checkpoint in checkpoints(out / "runs" / job.name):

@@ -19,9 +19,10 @@ from test_training import compose_config
 
 from data_pipelines import DataError, prepare_data
 from dsv4.config import ConfigError
+from dsv4.run_config import DataConfig, SourceConfig, resolve_config
 from dsv4.training import checkpointing as ck
 from dsv4.training import run_dir as rd
-from dsv4.training.config import DataConfig, SourceConfig, check_environment, config_warnings, resolve_config
+from dsv4.training.config import check_environment, config_warnings
 from dsv4.training.metrics import dumps_strict, eta_seconds
 from dsv4.training.optim import FiniteStepAdamW, deepspeed_config, describe_settings, effective_settings
 from dsv4.training.resume import _candidates, _refuse_damaged, check_model_config

@@ -21,9 +21,9 @@ from test_fault_tolerance import read_metrics, start, wait_for_step
 from test_training import QUICK, compose_config, env
 
 from dsv4.config import ConfigError
+from dsv4.run_config import resolve_config
 from dsv4.training import checkpointing as ck
 from dsv4.training import run_dir as rd
-from dsv4.training.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10

@@ -24,9 +24,9 @@ from typing import Any
 import torch.distributed as dist
 
 from dsv4.config import ConfigError
+from dsv4.run_config import RunConfig
 from dsv4.training import checkpointing
 from dsv4.training.checkpointing import UNIVERSAL_SUFFIX
-from dsv4.training.config import RunConfig
 from dsv4.training.distributed import decided_by_rank0
 
 

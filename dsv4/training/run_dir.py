@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 
 from dsv4.config import ConfigError
+from dsv4.run_config import RunConfig
 from dsv4.training import checkpointing
-from dsv4.training.config import RunConfig
 
 LOCK = "run.lock"
 LOCK_REFRESH_S = 30.0

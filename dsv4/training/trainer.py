@@ -29,15 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsv4.config import ConfigError
 from dsv4.model import DSV4Model
+from dsv4.run_config import RunConfig, phase_for_step, resolve_config, run_config_dict
 from dsv4.training import checkpointing, flops
-from dsv4.training.config import (
-    RunConfig,
-    check_environment,
-    config_warnings,
-    phase_for_step,
-    resolve_config,
-    run_config_dict,
-)
+from dsv4.training.config import check_environment, config_warnings
 from dsv4.training.distributed import decided_by_rank0, init_distributed
 from dsv4.training.health import CHECKSUM_MOD, all_finite, batch_checksum, gather_digests
 from dsv4.training.metrics import (
