@@ -81,7 +81,7 @@ def train_all(jobs: list, out: Path, parallel: int) -> list[dict[str, Any]]:
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of the run's published checkpoints, oldest first."""
-    from dsv4.training.checkpointing import list_checkpoints
+    from dsv4.run_files import list_checkpoints
 
     return sorted((c.step, c.path) for c in list_checkpoints(run_dir / "checkpoints"))
 
