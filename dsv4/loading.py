@@ -12,7 +12,8 @@ What each path means:
 For checkpoints the model config comes from the checkpoint's model_config.json and the tokenizer from the
 run's config.yaml (data.tokenizer / data.eos_token), so a model is always read with the tokenizer it was
 trained on. Every mistake (no such path, a directory holding no model, weights that do not match the config,
-a tokenizer larger than the model's vocabulary) raises ConfigError naming the path and what to do.
+a tokenizer larger than the model's vocabulary) raises ConfigError naming the path and what to do. Paths are
+resolved, and checkpoints and run configs read, by dsv4.run_files; dsv4.export builds on this module.
 """
 
 from __future__ import annotations
