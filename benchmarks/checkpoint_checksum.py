@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dsv4.training.checkpointing import HASH, file_checksum  # noqa: E402
+from dsv4.run_files import HASH, file_checksum  # noqa: E402
 
 
 def measure(mib: int, directory: Path, repeats: int) -> list[dict[str, float]]:

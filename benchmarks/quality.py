@@ -66,11 +66,11 @@ class Job:
 
 def compose(overrides: list[str], experiment: str = "quality"):
     """The composed, validated run config of train.py with conf/experiment/<experiment>.yaml and these overrides
-    (dsv4.training.config.RunConfig)."""
+    (dsv4.run_config.RunConfig)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dsv4.training.config import resolve_config
+    from dsv4.run_config import resolve_config
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         return resolve_config(hydra_compose("config", overrides=[f"+experiment={experiment}", *overrides]))

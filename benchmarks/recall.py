@@ -83,7 +83,7 @@ def train_all(jobs: list, out: Path, parallel: int) -> list[dict[str, Any]]:
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, directory) of the run's published checkpoints, oldest first."""
-    from dsv4.training.checkpointing import list_checkpoints
+    from dsv4.run_files import list_checkpoints
 
     return sorted((c.step, c.path) for c in list_checkpoints(run_dir / "checkpoints"))
 
@@ -104,7 +104,7 @@ def evaluate_checkpoint(job, out: Path, checkpoint: Path, step: int, phase: str,
 def evaluate_run(job, out: Path, train, docs: int) -> list[dict[str, Any]]:
     """Every checkpoint of the run: its recall at the phase it was trained in, and for a CSA model whose
     checkpoint predates the sparse phase, the indexer hit rate read in the sparse phase."""
-    from dsv4.training.config import phase_for_step
+    from dsv4.run_config import phase_for_step
 
     points = []
     for step, checkpoint in checkpoints(out / "runs" / job.name):

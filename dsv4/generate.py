@@ -20,6 +20,7 @@ import torch
 from dsv4.config import ConfigError
 from dsv4.inference.generate import PREFILL_CHUNK, check_device, check_sampling, generate
 from dsv4.inference.storage import CACHE_DTYPES
+from dsv4.loading import load_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -89,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {flags} {verb} no effect at --temperature 0 (greedy decoding); give --temperature > 0 "
                   "to sample", file=sys.stderr)
         dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        from dsv4.loading import load_model
-
         loaded = load_model(args.path, device=device, dtype=dtype, key="PATH")
         n_prompt = len(loaded.tokenizer.encode(args.prompt).ids)
         limit = loaded.config.max_position_embeddings

@@ -12,7 +12,8 @@ What each path means:
 For checkpoints the model config comes from the checkpoint's model_config.json and the tokenizer from the
 run's config.yaml (data.tokenizer / data.eos_token), so a model is always read with the tokenizer it was
 trained on. Every mistake (no such path, a directory holding no model, weights that do not match the config,
-a tokenizer larger than the model's vocabulary) raises ConfigError naming the path and what to do.
+a tokenizer larger than the model's vocabulary) raises ConfigError naming the path and what to do. Paths are
+resolved, and checkpoints and run configs read, by dsv4.run_files; dsv4.export builds on this module.
 """
 
 from __future__ import annotations
@@ -25,15 +26,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file
 
+from data_pipelines import DataError
+from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
 from dsv4.config import ConfigError, ModelConfig
 from dsv4.model import DSV4Model
-
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"  # {"eos_token": ...} beside an export's tokenizer.json
-TRAINING_INFO = "training.json"  # {"step": ..., "attention_phase": ...} beside an export's weights
+from dsv4.run_config import phase_for_step, resolve_config
+from dsv4.run_files import (
+    CONFIG,
+    WEIGHTS,
+    check_latest_tag,
+    checkpoint_model_config,
+    consolidated_state_dict,
+    export_tokenizer,
+    read_run_config,
+    read_training_info,
+    resolve_run_path,
+    step_of,
+)
 
 
 @dataclass
@@ -59,10 +71,6 @@ class LoadedModel:
     phase: str = "sparse"  # the CSA attention phase the model runs in (the one its training ended in)
 
 
-def is_export_dir(path: Path) -> bool:
-    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
 def find_source(path: str | Path, key: str = "path") -> ModelSource:
     """Resolve a user's path to a model source; ConfigError (naming `key`) when it holds no model."""
     path = Path(path)
@@ -71,37 +79,24 @@ def find_source(path: str | Path, key: str = "path") -> ModelSource:
     if not path.is_dir():
         raise ConfigError(f"{key}: {path} is a file; give a run directory, a checkpoint directory or an export "
                           f"directory (with {CONFIG} and {WEIGHTS})")
-    if is_export_dir(path):
-        return ModelSource("export", path, None)
-    from dsv4.export import check_latest_tag, resolve_checkpoint
-
     try:
-        ckpt_dir, tag = resolve_checkpoint(path)
+        found = resolve_run_path(path, by="contents", exports=True)
     except ConfigError:
         raise ConfigError(f"{key}: {path} holds no model: not an export directory ({CONFIG} + {WEIGHTS}) and "
                           "not a run or checkpoint directory (checkpoints/latest or *model_states.pt). Train "
                           "with train.save_interval or let the run finish, then pass its run directory") from None
-    check_latest_tag(ckpt_dir, tag, key)
-    tag_dir = ckpt_dir / tag
-    return ModelSource("checkpoint", tag_dir, ckpt_dir.parent)
+    if found.kind == "export":
+        return ModelSource("export", path, None)
+    check_latest_tag(found.ckpt_dir, found.tag, key)
+    return ModelSource("checkpoint", found.checkpoint, found.run_dir)
 
 
-def _run_config(run_dir: Path | None):
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return None
-    from omegaconf import OmegaConf
-
-    return OmegaConf.load(run_dir / "config.yaml")
-
-
-def _load_tokenizer(source: ModelSource, run_config) -> tuple[Any, int]:
-    from data_pipelines import DataError
-    from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
-
-    if source.kind == "export" and (source.path / TOKENIZER).is_file():
-        meta_path = source.path / TOKENIZER_CONFIG
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        spec = TokenizerSpec(str(source.path / TOKENIZER), meta.get("eos_token"))
+def load_tokenizer_of(source: ModelSource, run_config: DictConfig | None) -> tuple[Any, int]:
+    """(tokenizer, EOS id) the model was trained with: an export's own tokenizer.json, else the run's data.tokenizer
+    and data.eos_token, else the bundled tokenizer."""
+    saved = export_tokenizer(source.path) if source.kind == "export" else None
+    if saved is not None:
+        spec = TokenizerSpec(*saved)
     elif run_config is not None and "data" in run_config:
         spec = TokenizerSpec(run_config.data.get("tokenizer"), run_config.data.get("eos_token"))
     else:  # an export or checkpoint without its run: the bundled tokenizer, which the defaults train with
@@ -115,41 +110,31 @@ def _load_tokenizer(source: ModelSource, run_config) -> tuple[Any, int]:
 
 def _state_dict(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if source.kind == "export":
-        from safetensors.torch import load_file
-
         try:
             cfg = ModelConfig.from_dict(json.loads((source.path / CONFIG).read_text()), prefix=CONFIG)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source.path / CONFIG}: not a valid model config ({e})") from None
         return cfg, load_file(str(source.path / WEIGHTS))
-    from dsv4.export import checkpoint_model_config, consolidated_state_dict
-
     ckpt_dir, tag = source.path.parent, source.path.name
     cfg = checkpoint_model_config(ckpt_dir, tag)
     with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's merge prints progress: keep stdout for results
         return cfg, consolidated_state_dict(ckpt_dir, tag)
 
 
-def trained_phase(source: ModelSource, run_config) -> str:
+def trained_phase(source: ModelSource, run_config: DictConfig | None) -> str:
     """The CSA phase of the last step the weights were trained in: a model whose run stopped before the sparse
     phase attends to every visible compressed entry, as it was trained to (its indexer may still be untrained).
     Exports record it in training.json; a checkpoint's run config and step tell it; otherwise "sparse"."""
     if source.kind == "export":
-        info_path = source.path / TRAINING_INFO
-        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-        return info.get("attention_phase", "sparse")
-    from dsv4.training.checkpointing import TAG_RE
-
-    match = TAG_RE.match(source.path.name)
-    if run_config is None or match is None:
+        return read_training_info(source.path).get("attention_phase", "sparse")
+    step = step_of(source.path.name)
+    if run_config is None or step is None:
         return "sparse"
-    from dsv4.training.config import phase_for_step, resolve_config
-
     try:
         train = resolve_config(run_config).train
     except (ConfigError, ValueError, TypeError, KeyError):  # a run config of another version: assume sparse
         return "sparse"
-    return phase_for_step(train, max(int(match.group(1)) - 1, 0))
+    return phase_for_step(train, max(step - 1, 0))
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], label: str) -> None:
@@ -171,14 +156,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     """The model at `path` (see the module docstring) in eval mode on `device` in `dtype`, with its tokenizer.
     phase: the CSA attention phase; None = the one its training ended in (see trained_phase)."""
     source = find_source(path, key)
-    run_config = _run_config(source.run_dir)
+    run_config = read_run_config(source.run_dir)
     cfg, state = _state_dict(source)
     phase = phase or trained_phase(source, run_config)
     model = DSV4Model(cfg, backend=backend, phase=phase)
     check_state_dict(model, state, source.label)
     model.load_state_dict(state, strict=True)
     model = model.to(device=device, dtype=dtype).eval()
-    tokenizer, eos_id = _load_tokenizer(source, run_config)
+    tokenizer, eos_id = load_tokenizer_of(source, run_config)
     if tokenizer.get_vocab_size() > cfg.vocab_size:
         raise ConfigError(f"{source.label}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "
                           f"model's vocab_size ({cfg.vocab_size}); this model was not trained with it")

@@ -20,7 +20,7 @@ from data_pipelines.pipeline import LanePipeline
 from data_pipelines.sources import DocumentStream, is_held_out
 from data_pipelines.tokenizer import load_tokenizer
 from dsv4.config import ConfigError
-from dsv4.training.config import DataConfig, SourceConfig, resolve_config
+from dsv4.run_config import DataConfig, SourceConfig, resolve_config
 
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # shuffled/finished parquet iterators otherwise sleep 5 s
 
@@ -311,7 +311,7 @@ def test_state_files_and_a_fresh_process(corpus, tmp_path):
     ref.close()
     script = (
         "import sys, torch, datasets; datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0\n"
-        "from dsv4.training.config import DataConfig, SourceConfig\n"
+        "from dsv4.run_config import DataConfig, SourceConfig\n"
         "from data_pipelines import StreamingData, load_data_state, prepare_data\n"
         f"src = SourceConfig(kind='files', path={str(corpus['dir'] / 'p*.parquet')!r})\n"
         "plan = prepare_data(DataConfig(sources=[src], num_workers=1))\n"
@@ -455,7 +455,7 @@ def test_a_process_with_open_or_failed_worker_streams_exits(corpus, tmp_path):
     (tmp_path / "e.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     script = (
         "import sys\n"
-        "from dsv4.training.config import DataConfig, SourceConfig\n"
+        "from dsv4.run_config import DataConfig, SourceConfig\n"
         "from data_pipelines import StreamingData, prepare_data\n"
         "def stream(path):\n"
         "    return StreamingData(prepare_data(DataConfig(sources=[SourceConfig(kind='files', path=path)],\n"

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from test_training import BIN, env, run
 
+from dsv4 import run_files as rf
 from dsv4.training import checkpointing as ck
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fake_staged(ckpt_dir: Path, step: int, payload: bytes = b"x" * 100) -> None:
-    staging = ckpt_dir / ck.staging_tag(ck.tag_for(step))
+    staging = ckpt_dir / rf.staging_tag(rf.tag_for(step))
     staging.mkdir(parents=True)
     (staging / "mp_rank_00_model_states.pt").write_bytes(payload)
     (staging / "data_state_rank0.json").write_text("{}")
@@ -34,22 +35,22 @@ def test_publish_verify_and_auto_pick(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         _fake_staged(ckpt, step)
-        ck.publish(ckpt, ck.tag_for(step), step, world_size=2, keep=0, model_config={"hidden_size": 8})
+        ck.publish(ckpt, rf.tag_for(step), step, world_size=2, keep=0, model_config={"hidden_size": 8})
     assert (ckpt / "latest").read_text() == "step0000006"
-    assert ck.verify_checkpoint(ckpt / "step0000006") is None
-    assert ck.read_manifest(ckpt / "step0000006")["world_size"] == 2
+    assert rf.verify_checkpoint(ckpt / "step0000006") is None
+    assert rf.read_manifest(ckpt / "step0000006")["world_size"] == 2
     _fake_staged(ckpt, 8)  # a job that died while writing step 8: never published, never picked
 
     with open(ckpt / "step0000006" / "mp_rank_00_model_states.pt", "r+b") as f:
         f.truncate(40)  # a truncated file
     warnings: list[str] = []
-    found = ck.newest_complete(ckpt, warnings.append)
+    found = rf.newest_complete(ckpt, warnings.append)
     assert found is not None and found.tag == "step0000004"
     assert any(".step0000008.partial" in w and "unpublished" in w for w in warnings), warnings
     assert any("step0000006" in w and "40 bytes" in w for w in warnings), warnings
 
-    (ckpt / "step0000004" / ck.MANIFEST).unlink()  # no manifest: incomplete as well
-    assert ck.newest_complete(ckpt, warnings.append).tag == "step0000002"
+    (ckpt / "step0000004" / rf.MANIFEST).unlink()  # no manifest: incomplete as well
+    assert rf.newest_complete(ckpt, warnings.append).tag == "step0000002"
 
     assert ck.prune(ckpt, keep=1, protect=["step0000002"]) == ["step0000004"]
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000006"]
@@ -62,7 +63,7 @@ def test_publish_replaces_an_existing_tag(tmp_path):
     _fake_staged(ckpt, 4, b"new!")
     ck.publish(ckpt, "step0000004", 4, 1, keep=0)
     assert (ckpt / "step0000004" / "mp_rank_00_model_states.pt").read_bytes() == b"new!"
-    assert ck.verify_checkpoint(ckpt / "step0000004") is None
+    assert rf.verify_checkpoint(ckpt / "step0000004") is None
     assert not list(ckpt.glob(".step*"))
 
 
@@ -151,7 +152,7 @@ def stopped_summary(run_dir: Path) -> dict:
     stopped = json.loads((run_dir / "summary.json").read_text())
     tag = (run_dir / "checkpoints" / "latest").read_text()
     assert stopped["stopped_by"] == "signal" and stopped["steps"] < STEPS, stopped
-    assert tag == ck.tag_for(stopped["steps"]) and ck.verify_checkpoint(run_dir / "checkpoints" / tag) is None
+    assert tag == rf.tag_for(stopped["steps"]) and rf.verify_checkpoint(run_dir / "checkpoints" / tag) is None
     assert all((run_dir / "checkpoints" / tag / f"data_state_rank{r}.json").is_file() for r in (0, 1))
     return stopped
 
@@ -188,7 +189,7 @@ def test_kill9_sigterm_corruption_ctrl_c_resume_bit_exact(tmp_path):
 
     # 3. the newest checkpoint gets 4 KB overwritten (same size): resume=auto skips it, naming the file, and takes
     # the previous one; then Ctrl-C reaches torchrun, which sends SIGINT to both ranks: they checkpoint and exit 0
-    shard = out / "checkpoints" / ck.tag_for(sigterm_at) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard = out / "checkpoints" / rf.tag_for(sigterm_at) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     with open(shard, "r+b") as f:
         f.seek(shard.stat().st_size // 3)
         f.write(os.urandom(4096))
@@ -199,10 +200,10 @@ def test_kill9_sigterm_corruption_ctrl_c_resume_bit_exact(tmp_path):
     proc.wait(timeout=300)  # torchrun itself reports the signal (its own traceback) and exits 1
     text = proc.log.read_text()
     assert f"skipping damaged checkpoint {shard.parent}: file {shard.name}: its content" in text, text[-3000:]
-    assert f"resuming {out / 'checkpoints' / ck.tag_for(resumed_from)} (step {resumed_from}" in text
+    assert f"resuming {out / 'checkpoints' / rf.tag_for(resumed_from)} (step {resumed_from}" in text
     assert "Ctrl-C: stopping at the end of this step" in text and "stop signal received (SIGINT)" in text
     stopped_summary(out)
-    assert ck.verify_checkpoint(out / "checkpoints" / ck.tag_for(resumed_from)) is None, "never pruned"
+    assert rf.verify_checkpoint(out / "checkpoints" / rf.tag_for(resumed_from)) is None, "never pruned"
 
     # 4. resume to the end
     text = finish(start(torchrun(out, "train.resume=auto"), tmp_path / "run4.log"))
@@ -215,7 +216,7 @@ def test_kill9_sigterm_corruption_ctrl_c_resume_bit_exact(tmp_path):
         assert m["loss"] == ref["loss"] and m["lm_loss"] == ref["lm_loss"], (seed, m, ref)
         assert m["data_checksum"] == ref["data_checksum"] and len(m["data_checksum"]) == 2, (seed, m, ref)
     # keep_checkpoints=2, and the checkpoint the last run resumed from is never pruned by it
-    kept = {ck.tag_for(STEPS - 2), ck.tag_for(STEPS), ck.tag_for(last_resumed)}
+    kept = {rf.tag_for(STEPS - 2), rf.tag_for(STEPS), rf.tag_for(last_resumed)}
     assert {p.name for p in (out / "checkpoints").glob("step*")} == kept
     final = json.loads((out / "summary.json").read_text())
     assert final["param_digests"][0] == final["param_digests"][1]
@@ -237,7 +238,7 @@ def test_nonfinite_losses_skip_then_stop_with_checkpoint(tmp_path):
         res.stdout, res.stdout[-3000:]
     summary = json.loads((out / "summary.json").read_text())  # strict JSON: null where a value is not finite
     assert summary["stopped_by"] == "bad_steps" and summary["bad_steps"] >= 2 and summary["steps"] < 40
-    assert (out / "checkpoints" / "latest").read_text() == ck.tag_for(summary["steps"])
+    assert (out / "checkpoints" / "latest").read_text() == rf.tag_for(summary["steps"])
     records = read_metrics(out)
     assert records[-1]["bad_steps"] == summary["bad_steps"] and records[-1]["loss"] is None
     applied = [m["step"] for m in records if m["loss"] is not None]

@@ -9,7 +9,7 @@ from dsv4.config import ModelConfig
 from dsv4.inference import ModelCache, forward_step, generate_ids, prefill
 from dsv4.inference.memory import v4_cache_terms
 from dsv4.model import DSV4Model
-from dsv4.training.config import AttentionConfig, apply_layout
+from dsv4.run_config import AttentionConfig, apply_layout
 
 WINDOW, HCA = 6, 8
 # prompt lengths that end at every phase of the open group and around the window: 1, 3, 4, 5, 7, 8, 9,

@@ -16,7 +16,7 @@ from data_pipelines.passkey import QUESTION, passkey_parts, split_at_depth
 from data_pipelines.tokenizer import TokenizerSpec, load_tokenizer
 from dsv4.config import ConfigError
 from dsv4.evaluation.passkey import passkey_prompts, score_answer, score_passkey
-from dsv4.training.config import DataConfig, PasskeyConfig, SourceConfig, resolve_config
+from dsv4.run_config import DataConfig, PasskeyConfig, SourceConfig, resolve_config
 
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 LENGTHS, DEPTHS = [64, 128, 256], [0.0, 0.5, 1.0]

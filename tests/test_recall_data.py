@@ -22,7 +22,7 @@ from data_pipelines.packed import IGNORE_INDEX, Packer, sequence_tensors
 from data_pipelines.recall import RecallSpec, RecallStream, Symbols, TokenDocument, make_document, recall_words
 from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
 from dsv4.config import ConfigError
-from dsv4.training.config import DataConfig, resolve_config
+from dsv4.run_config import DataConfig, resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECALL = TokenizerSpec("recall")

@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from dsv4.config import ConfigError
-from dsv4.training.config import TrainConfig, apply_layout, phase_for_step, resolve_config
+from dsv4.run_config import TrainConfig, apply_layout, phase_for_step, resolve_config
 from dsv4.training.distributed import strip_launcher_args
 from dsv4.training.trainer import deepspeed_config, lr_lambda
 

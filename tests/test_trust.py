@@ -18,10 +18,12 @@ import torch
 from test_training import compose_config
 
 from data_pipelines import DataError, prepare_data
+from dsv4 import run_files as rf
 from dsv4.config import ConfigError
+from dsv4.run_config import DataConfig, SourceConfig, resolve_config
 from dsv4.training import checkpointing as ck
 from dsv4.training import run_dir as rd
-from dsv4.training.config import DataConfig, SourceConfig, check_environment, config_warnings, resolve_config
+from dsv4.training.config import check_environment, config_warnings
 from dsv4.training.metrics import dumps_strict, eta_seconds
 from dsv4.training.optim import FiniteStepAdamW, deepspeed_config, describe_settings, effective_settings
 from dsv4.training.resume import _candidates, _refuse_damaged, check_model_config
@@ -30,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def stage(ckpt_dir: Path, step: int, payload: bytes = b"x" * 10_000) -> None:
-    staging = ckpt_dir / ck.staging_tag(ck.tag_for(step))
+    staging = ckpt_dir / rf.staging_tag(rf.tag_for(step))
     staging.mkdir(parents=True)
     (staging / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(payload)
     (staging / "mp_rank_00_model_states.pt").write_bytes(payload[::-1])
@@ -50,8 +52,8 @@ def test_same_size_corruption_is_found_named_and_skipped(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for step in (2, 4):
         stage(ckpt, step)
-        ck.publish(ckpt, ck.tag_for(step), step, world_size=2, keep=0, model_config={"hidden_size": 8})
-    manifest = ck.read_manifest(ckpt / "step0000004")
+        ck.publish(ckpt, rf.tag_for(step), step, world_size=2, keep=0, model_config={"hidden_size": 8})
+    manifest = rf.read_manifest(ckpt / "step0000004")
     entry = manifest["files"]["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert manifest["hash"] == "xxh3_128" and entry["bytes"] == 10_000 and len(entry["xxh3_128"]) == 32
     assert set(manifest["files"]) == {"zero_pp_rank_1_mp_rank_00_optim_states.pt", "mp_rank_00_model_states.pt",
@@ -60,13 +62,13 @@ def test_same_size_corruption_is_found_named_and_skipped(tmp_path):
     shard = ckpt / "step0000004" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     corrupt_in_place(shard, size=4000)
     assert shard.stat().st_size == 10_000
-    problem = ck.verify_checkpoint(ckpt / "step0000004")
+    problem = rf.verify_checkpoint(ckpt / "step0000004")
     assert problem is not None and "zero_pp_rank_1_mp_rank_00_optim_states.pt" in problem and "checksum" in problem
     # shared verification: the file's owner (rank 1, from its name) reads it; rank 0 checks only its size
-    assert ck.verify_checkpoint(ckpt / "step0000004", rank=1, world=2) == problem
-    assert ck.verify_checkpoint(ckpt / "step0000004", rank=0, world=2) is None
+    assert rf.verify_checkpoint(ckpt / "step0000004", rank=1, world=2) == problem
+    assert rf.verify_checkpoint(ckpt / "step0000004", rank=0, world=2) is None
     warnings: list[str] = []
-    found = ck.newest_complete(ckpt, warnings.append)
+    found = rf.newest_complete(ckpt, warnings.append)
     assert found is not None and found.tag == "step0000002"
     assert any("skipping damaged checkpoint" in w and "step0000004" in w and "optim_states.pt" in w for w in warnings)
 
@@ -75,25 +77,25 @@ def test_older_size_only_manifests_still_verify(tmp_path):
     checkpoint = tmp_path / "step0000003"
     checkpoint.mkdir()
     (checkpoint / "mp_rank_00_model_states.pt").write_bytes(b"abc")
-    (checkpoint / ck.MANIFEST).write_text(json.dumps({"step": 3, "world_size": 1,
+    (checkpoint / rf.MANIFEST).write_text(json.dumps({"step": 3, "world_size": 1,
                                                       "files": {"mp_rank_00_model_states.pt": 3}}))
-    assert ck.verify_checkpoint(checkpoint) is None
+    assert rf.verify_checkpoint(checkpoint) is None
     (checkpoint / "mp_rank_00_model_states.pt").write_bytes(b"abcd")
-    assert "4 bytes, the manifest says 3" in ck.verify_checkpoint(checkpoint)
+    assert "4 bytes, the manifest says 3" in rf.verify_checkpoint(checkpoint)
 
 
 def test_pruning_waits_for_a_healthy_checkpoint_and_spares_the_protected(tmp_path):
     ckpt = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         stage(ckpt, step)
-        ck.publish(ckpt, ck.tag_for(step), step, 1, keep=0)
+        ck.publish(ckpt, rf.tag_for(step), step, 1, keep=0)
     (ckpt / "step0000002_universal").mkdir()
     stage(ckpt, 8)  # written after non-finite losses: published, prunes nothing
-    ck.publish(ckpt, ck.tag_for(8), 8, 1, keep=2, allow_prune=False)
+    ck.publish(ckpt, rf.tag_for(8), 8, 1, keep=2, allow_prune=False)
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000002", "step0000002_universal", "step0000004",
                                                           "step0000006", "step0000008"]
     stage(ckpt, 10)  # healthy: prunes to the newest 2, but never the checkpoint the run resumed from (step 4)
-    ck.publish(ckpt, ck.tag_for(10), 10, 1, keep=2, protect=["step0000004"])
+    ck.publish(ckpt, rf.tag_for(10), 10, 1, keep=2, protect=["step0000004"])
     assert sorted(p.name for p in ckpt.glob("step*")) == ["step0000004", "step0000008", "step0000010"]
     assert (ckpt / "latest").read_text() == "step0000010"
 

@@ -5,7 +5,8 @@ import pytest
 from test_training import compose_config
 
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.training.config import config_warnings, resolve_config
+from dsv4.run_config import resolve_config
+from dsv4.training.config import config_warnings
 
 
 def _run(*overrides: str):

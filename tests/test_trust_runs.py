@@ -20,10 +20,10 @@ import xxhash
 from test_fault_tolerance import read_metrics, start, wait_for_step
 from test_training import QUICK, compose_config, env
 
+from dsv4 import run_files as rf
 from dsv4.config import ConfigError
-from dsv4.training import checkpointing as ck
+from dsv4.run_config import resolve_config
 from dsv4.training import run_dir as rd
-from dsv4.training.config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 10
@@ -111,14 +111,14 @@ def test_ctrl_c_checkpoints_and_resumes_to_the_reference(reference, tmp_path):
     stopped = json.loads((out / "summary.json").read_text())  # strict JSON (null, never NaN)
     assert stopped["stopped_by"] == "signal" and stopped["val_loss"] is None and 4 <= stopped["steps"] < STEPS
     interrupted_at = stopped["steps"]
-    assert (out / "checkpoints" / "latest").read_text() == ck.tag_for(interrupted_at)
+    assert (out / "checkpoints" / "latest").read_text() == rf.tag_for(interrupted_at)
     assert not (out / rd.LOCK).exists()
 
     again = quick(f"train.output_dir={out}")  # the same command again: refused, nothing touched
     assert again.returncode == 2 and "Traceback" not in again.stderr
     assert "already holds an interrupted run" in again.stderr and "train.resume=auto" in again.stderr
 
-    shard = out / "checkpoints" / ck.tag_for(interrupted_at) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard = out / "checkpoints" / rf.tag_for(interrupted_at) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     size = shard.stat().st_size
     with open(shard, "r+b") as f:  # 4 KB of random bytes, size unchanged
         f.seek(size // 2)
@@ -128,7 +128,7 @@ def test_ctrl_c_checkpoints_and_resumes_to_the_reference(reference, tmp_path):
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert f"{shard.parent} fails verification: file {shard.name}: its content does not match" in refused.stderr
 
-    older = ck.list_checkpoints(out / "checkpoints")[1]  # the one before the stop (keep_checkpoints=2)
+    older = rf.list_checkpoints(out / "checkpoints")[1]  # the one before the stop (keep_checkpoints=2)
     last = quick(f"train.output_dir={out}", "train.resume=auto")
     assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
     assert f"skipping damaged checkpoint {shard.parent}: file {shard.name}" in last.stdout
@@ -159,8 +159,8 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     assert proc.returncode == 130, text[-3000:]
     assert "second Ctrl-C: exiting now without a checkpoint" in text and "Traceback" not in text
     assert not (out / rd.LOCK).exists()
-    for info in ck.list_checkpoints(out / "checkpoints"):  # whatever was published is whole
-        assert ck.verify_checkpoint(info.path) is None
+    for info in rf.list_checkpoints(out / "checkpoints"):  # whatever was published is whole
+        assert rf.verify_checkpoint(info.path) is None
 
 
 @pytest.mark.slow
@@ -225,7 +225,7 @@ def test_a_full_disk_while_checkpointing_is_named_and_keeps_the_previous_checkpo
     assert f"checkpoint step0000011 could not be written to {copy / 'checkpoints'} (rank 0: " in res.stderr
     assert f"the newest published checkpoint ({copy / 'checkpoints' / 'step0000010'}) is intact" in res.stderr
     assert (copy / "checkpoints" / "latest").read_text() == "step0000010"
-    assert ck.verify_checkpoint(copy / "checkpoints" / "step0000010") is None
+    assert rf.verify_checkpoint(copy / "checkpoints" / "step0000010") is None
     assert not list((copy / "checkpoints").glob(".step*")), "the partial checkpoint is removed"
 
 

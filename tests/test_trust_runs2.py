@@ -12,7 +12,7 @@ import pytest
 from test_training import compose_config, env
 
 from dsv4.config import ConfigError
-from dsv4.training.config import resolve_config
+from dsv4.run_config import resolve_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["train.seq_len=64", "train.micro_batch_size=2", "train.warmup_steps=1", "logging.interval=1",

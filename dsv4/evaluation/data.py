@@ -10,9 +10,14 @@ from typing import Any
 
 import torch
 
+from data_pipelines import DataError, StreamingData, prepare_data
+from data_pipelines.corpus import bundled_split
+from data_pipelines.packed import BUNDLED_CORPUS
 from data_pipelines.recall import RecallSpec
 from dsv4.config import ConfigError
-from dsv4.loading import TOKENIZER, TOKENIZER_CONFIG, LoadedModel
+from dsv4.loading import LoadedModel
+from dsv4.run_config import DataConfig, SourceConfig, phase_for_step, resolve_config
+from dsv4.run_files import MANIFEST, RUN_CONFIG, export_tokenizer, read_manifest
 
 DEFAULT_SEQ_LEN = 512  # a model without its run (an export): unless --seq-len says otherwise
 DEFAULT_BATCH_SIZE = 8
@@ -38,12 +43,10 @@ class RunSettings:
 def run_settings(loaded: LoadedModel) -> RunSettings:
     if loaded.run_config is None:
         return RunSettings()
-    from dsv4.training.config import phase_for_step, resolve_config
-
     try:
         run = resolve_config(loaded.run_config)
     except ConfigError as e:
-        raise ConfigError(f"{loaded.source.run_dir / 'config.yaml'}: {e}") from None
+        raise ConfigError(f"{loaded.source.run_dir / RUN_CONFIG}: {e}") from None
     passkey = [s.passkey.digits for s in run.data.sources if s.kind == "passkey"]
     return RunSettings(seq_len=run.train.seq_len, micro_batch=run.train.micro_batch_size, seed=run.train.seed,
                        eval_batches=run.train.eval_batches, dp_world=_dp_world(loaded, run),
@@ -59,8 +62,6 @@ def _recall_specs(data: Any) -> dict[str, RecallSpec]:
 
 def _dp_world(loaded: LoadedModel, run: Any) -> int:
     """Data-parallel ranks of the run, from the checkpoint's manifest (1 when it does not say)."""
-    from dsv4.training.checkpointing import MANIFEST, read_manifest
-
     if loaded.source.kind != "checkpoint" or not (loaded.source.path / MANIFEST).is_file():
         return 1
     world = int(read_manifest(loaded.source.path).get("world_size") or 1)
@@ -69,12 +70,9 @@ def _dp_world(loaded: LoadedModel, run: Any) -> int:
 
 def tokenizer_setting(loaded: LoadedModel, settings: RunSettings) -> tuple[str | None, str | None]:
     """(data.tokenizer, data.eos_token) that load the model's own tokenizer."""
-    import json
-
-    if loaded.source.kind == "export" and (loaded.source.path / TOKENIZER).is_file():
-        meta = loaded.source.path / TOKENIZER_CONFIG
-        eos = json.loads(meta.read_text()).get("eos_token") if meta.is_file() else None
-        return str(loaded.source.path / TOKENIZER), eos
+    saved = export_tokenizer(loaded.source.path) if loaded.source.kind == "export" else None
+    if saved is not None:
+        return saved
     if settings.data is not None:
         return settings.data.tokenizer, settings.data.eos_token
     return None, None
@@ -84,8 +82,6 @@ def data_config_for(spec: str, loaded: LoadedModel, settings: RunSettings) -> tu
     """A DataConfig for `--data`: `bundled` (the bundled corpus), `bundled:PATH` (a <|doc|>-separated file) or a
     file glob (json lines / parquet / text). Returns (config, read every document) -- files are evaluated whole,
     the bundled formats on their held-out documents."""
-    from dsv4.training.config import DataConfig, SourceConfig
-
     tokenizer, eos = tokenizer_setting(loaded, settings)
     common = {"tokenizer": tokenizer, "eos_token": eos, "num_workers": 0, "val_fraction": settings.val_fraction}
     if spec == "bundled" or spec.startswith("bundled:"):
@@ -98,8 +94,6 @@ def validation_batches(loaded: LoadedModel, settings: RunSettings, data: str | N
                        seq_len: int, batch_size: int) -> tuple[list[dict[str, torch.Tensor]], str]:
     """Micro-batches to evaluate on, and what they are. Without `data`: the run's own validation split, built as
     the trainer builds it (all data-parallel ranks' shares), so the loss equals the trainer's."""
-    from data_pipelines import DataError, StreamingData, prepare_data
-
     if data is None:
         if settings.data is None:
             raise ConfigError(f"--data: {loaded.source.label} has no training run beside it (an export), so it has "
@@ -124,7 +118,4 @@ def validation_batches(loaded: LoadedModel, settings: RunSettings, data: str | N
 
 def held_out_documents(settings: RunSettings) -> list[str]:
     """The bundled corpus' held-out documents (the passkey filler: text no bundled-corpus run trained on)."""
-    from data_pipelines.corpus import bundled_split
-    from data_pipelines.packed import BUNDLED_CORPUS
-
     return list(bundled_split(str(BUNDLED_CORPUS), settings.val_fraction)[1])

@@ -23,9 +23,11 @@ cut at the first stop string or EOS; sampling is not supported).
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,8 +165,6 @@ HUB_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 def precheck(argv: list[str]) -> None:
     """What can be checked before lm-eval reads its task index (10-20 s): --tasks given, and for --model dsv4 its
     model_args (names, values, path present); a ConfigError naming the flag."""
-    import argparse
-
     if not argv or argv[0] in ("ls", "validate") or {"-h", "--help"} & set(argv):
         return
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -190,8 +190,6 @@ def precheck(argv: list[str]) -> None:
     path = known_args.get("path")
     if not path:
         raise ConfigError("--model_args: give path=RUN_DIR (a run, checkpoint or export directory)")
-    from pathlib import Path
-
     if not Path(path).exists():
         raise ConfigError(f"--model_args path={path}: no such directory")
 
@@ -211,7 +209,7 @@ def main() -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # lm_eval's CLI: heavy, imported only once the prechecks passed
 
     try:
         import requests

@@ -1,11 +1,8 @@
-"""Fault-tolerant checkpoints: write, checksum, then publish; pick the newest one that verifies; keep the last K.
+"""Fault-tolerant checkpoints, the writing side: write, checksum, then publish; keep the last K.
 
-Layout of `<run>/checkpoints/`:
-
-    step0000100/            a published checkpoint (DeepSpeed files, data_state_rank<R>.json, model_config.json,
-                            complete.json written last)
-    .step0000200.partial/   being written (or the job died while writing it): never picked
-    latest                  the newest published tag (DeepSpeed's convention; `train.resume=true` reads it)
+The layout of `<run>/checkpoints/` (stepNNNNNNN/, .stepNNNNNNN.partial/, latest), the manifest's reading and
+verification, and picking the newest checkpoint that verifies are dsv4.run_files, which everything that reads a run
+shares.
 
 Publishing (`save_checkpoint`, a collective):
 
@@ -20,16 +17,14 @@ Publishing (`save_checkpoint`, a collective):
    filesystems), rewrites `latest` atomically, and prunes old checkpoints when asked (never the protected ones).
 
 A job killed at any point leaves either no `stepNNNNNNN` or a complete one. A checkpoint damaged afterwards (a
-truncated file, a lost shard, bytes overwritten in place) fails `verify_checkpoint`: sizes are compared with the
-manifest, then contents with its checksums. The checkpoint directory must be one filesystem every rank sees.
+truncated file, a lost shard, bytes overwritten in place) fails `run_files.verify_checkpoint`: sizes are compared
+with the manifest, then contents with its checksums. The checkpoint directory must be one filesystem every rank sees.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -38,36 +33,23 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-import xxhash
 
-MANIFEST = "complete.json"
-MODEL_CONFIG = "model_config.json"
-LATEST = "latest"
-TAG_RE = re.compile(r"^step(\d+)$")
-HASH = "xxh3_128"  # about 7-10 GB/s on one core: small against writing the same bytes (benchmarks/RESULTS.md)
-_RANK_IN_NAME = re.compile(r"rank_?(\d+)")
-UNIVERSAL_SUFFIX = "_universal"
+from dsv4.run_files import (
+    HASH,
+    LATEST,
+    MANIFEST,
+    MODEL_CONFIG,
+    UNIVERSAL_SUFFIX,
+    file_checksum,
+    list_checkpoints,
+    owner_rank,
+    staging_tag,
+    tag_for,
+)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written. The message names the rank, the directory and the cause."""
-
-
-def tag_for(step: int) -> str:
-    """The published tag of the checkpoint taken after `step` optimizer steps."""
-    return f"step{step:07d}"
-
-
-def staging_tag(tag: str) -> str:
-    """Hidden name a checkpoint is written under before it is published."""
-    return f".{tag}.partial"
-
-
-@dataclass
-class CheckpointInfo:
-    path: Path
-    tag: str
-    step: int
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -81,22 +63,6 @@ def _fsync_write(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------- checksums and the manifest
-
-def file_checksum(path: Path) -> str:
-    """xxh3-128 of a file's bytes, read through mmap (no copy out of the page cache: ~3x faster than read())."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return xxhash.xxh3_128(b"").hexdigest()
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return xxhash.xxh3_128(mapped).hexdigest()
-
-
-def owner_rank(name: str, world: int) -> int:
-    """The rank that checksums (and verifies) a file: the rank number in its name, usually the rank that wrote
-    it, so the bytes are still in its page cache; else rank 0."""
-    match = _RANK_IN_NAME.search(Path(name).name)
-    return int(match.group(1)) % world if match else 0
-
 
 def checkpoint_files(checkpoint: Path) -> list[str]:
     """Every file of a checkpoint directory (relative names, sorted), the manifest excepted."""
@@ -123,76 +89,7 @@ def write_manifest(checkpoint: Path, step: int, world_size: int, files: dict[str
     _fsync_write(checkpoint / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def read_manifest(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / MANIFEST).read_text())
-
-
-def verify_checkpoint(checkpoint: Path, rank: int = 0, world: int = 1) -> str | None:
-    """None when the checkpoint is complete and intact, else why not, naming the file: a missing manifest, a
-    missing or resized file, or content that no longer matches its checksum. Sizes are checked for every file;
-    contents for the files `rank` owns among `world` (all of them by default), so ranks can share the reading."""
-    if not checkpoint.is_dir():
-        return "no such directory"
-    if not (checkpoint / MANIFEST).is_file():
-        return f"no {MANIFEST} (the job died while writing it, or it predates manifests)"
-    try:
-        manifest = read_manifest(checkpoint)
-        files = manifest["files"]
-        algorithm = manifest.get("hash", HASH)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"unreadable {MANIFEST}: {e}"
-    for name, entry in files.items():
-        size = entry["bytes"] if isinstance(entry, dict) else entry  # older manifests: sizes only
-        path = checkpoint / name
-        if not path.is_file():
-            return f"missing file {name}"
-        actual = path.stat().st_size
-        if actual != size:
-            return f"file {name} has {actual} bytes, the manifest says {size} (truncated or overwritten)"
-    for name, entry in files.items():
-        if not isinstance(entry, dict) or algorithm != HASH or owner_rank(name, world) != rank:
-            continue
-        try:
-            actual_sum = file_checksum(checkpoint / name)
-        except OSError as e:
-            return f"file {name} cannot be read: {e}"
-        if actual_sum != entry[HASH]:
-            return (f"file {name}: its content does not match the manifest's {HASH} checksum (changed after it was "
-                    "written: corrupted on disk or overwritten)")
-    return None
-
-
 # ---------------------------------------------------------------- published checkpoints
-
-def list_checkpoints(ckpt_dir: Path) -> list[CheckpointInfo]:
-    """Published checkpoints (`stepNNNNNNN`), newest step first. Staging directories are not listed."""
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for path in ckpt_dir.iterdir():
-        match = TAG_RE.match(path.name)
-        if match and path.is_dir():
-            found.append(CheckpointInfo(path, path.name, int(match.group(1))))
-    return sorted(found, key=lambda c: c.step, reverse=True)
-
-
-def unpublished(ckpt_dir: Path) -> list[Path]:
-    """Staging directories left by jobs that stopped while writing."""
-    return sorted(ckpt_dir.glob(".step*.partial")) if ckpt_dir.is_dir() else []
-
-
-def newest_complete(ckpt_dir: Path, warn: Callable[[str], None],
-                    verify: Callable[[Path], str | None] = verify_checkpoint) -> CheckpointInfo | None:
-    """The newest checkpoint that verifies; each one skipped (and each unpublished one) is reported via `warn`."""
-    for path in unpublished(ckpt_dir):
-        warn(f"warning: ignoring unpublished checkpoint {path} (the job stopped while writing it)")
-    for info in list_checkpoints(ckpt_dir):
-        problem = verify(info.path)
-        if problem is None:
-            return info
-        warn(f"warning: skipping damaged checkpoint {info.path}: {problem}")
-    return None
-
 
 def prune(ckpt_dir: Path, keep: int, protect: Iterable[str]) -> list[str]:
     """Delete all but the newest `keep` published checkpoints (0 keeps all), with their universal copies; never

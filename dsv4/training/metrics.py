@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsv4.training.config import WandbConfig
+from dsv4.run_config import WandbConfig
 
 
 def wandb_mode(cfg: WandbConfig) -> str:

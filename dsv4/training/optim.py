@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from dsv4.training.config import RunConfig
+from dsv4.run_config import RunConfig
 
 
 def lr_lambda(train, step: int) -> float:

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch.distributed as dist
 
+from dsv4 import run_files
 from dsv4.config import ConfigError
-from dsv4.training import checkpointing
-from dsv4.training.checkpointing import UNIVERSAL_SUFFIX
-from dsv4.training.config import RunConfig
+from dsv4.run_config import RunConfig
+from dsv4.run_files import CHECKPOINTS, LATEST, MANIFEST, MODEL_CONFIG, UNIVERSAL_SUFFIX
 from dsv4.training.distributed import decided_by_rank0
 
 
@@ -56,13 +56,9 @@ def resume_source(run: RunConfig, run_dir: Path) -> tuple[Path, str | None]:
     """(checkpoints directory, tag) that train.resume names; tag None means `latest` (true) or newest (auto)."""
     resume = run.train.resume
     if resume is True or resume == "auto":
-        return run_dir / "checkpoints", None
-    path = Path(resume)
-    if not path.is_dir():
-        raise ConfigError(f"train.resume={shown(resume)}: no such directory")
-    if checkpointing.TAG_RE.match(path.name) and path.parent.name == "checkpoints":
-        return path.parent, path.name
-    return (path if path.name == "checkpoints" else path / "checkpoints"), None
+        return run_dir / CHECKPOINTS, None
+    named = run_files.resolve_run_path(Path(resume), by="names", key=f"train.resume={shown(resume)}")
+    return named.ckpt_dir, named.tag
 
 
 def find_resume_point(run: RunConfig, run_dir: Path, world: int, say) -> ResumePoint | None:
@@ -92,28 +88,26 @@ def _candidates(run: RunConfig, run_dir: Path, say) -> tuple[Path, list[str]]:
     if tag is not None:
         return ckpt_dir, [tag]
     if resume == "auto":
-        for path in checkpointing.unpublished(ckpt_dir):
+        for path in run_files.unpublished(ckpt_dir):
             say(f"warning: ignoring unpublished checkpoint {path} (the job stopped while writing it)")
-        return ckpt_dir, [c.tag for c in checkpointing.list_checkpoints(ckpt_dir)]
-    latest = ckpt_dir / checkpointing.LATEST
-    if not latest.is_file():
+        return ckpt_dir, [c.tag for c in run_files.list_checkpoints(ckpt_dir)]
+    if not (ckpt_dir / LATEST).is_file():
         raise ConfigError(f"train.resume={shown(resume)}: nothing to resume: no checkpoint in {ckpt_dir} (no "
-                          f"'{checkpointing.LATEST}'). Drop train.resume to start a new run, or use train.resume=auto "
+                          f"'{LATEST}'). Drop train.resume to start a new run, or use train.resume=auto "
                           "to start from step 0 when there is no checkpoint")
-    return ckpt_dir, [latest.read_text().strip()]
+    return ckpt_dir, [run_files.read_latest(ckpt_dir)]
 
 
 def verify_collectively(checkpoint: Path) -> str | None:
     """Collective: the lowest rank's problem with the checkpoint, each rank reading its share of the contents."""
     problems: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, checkpointing.verify_checkpoint(checkpoint, dist.get_rank(),
-                                                                     dist.get_world_size()))
+    dist.all_gather_object(problems, run_files.verify_checkpoint(checkpoint, dist.get_rank(), dist.get_world_size()))
     return next((p for p in problems if p is not None), None)
 
 
 def _refuse_damaged(run: RunConfig, checkpoint: Path, problem: str, say) -> None:
-    if not (checkpoint / checkpointing.MANIFEST).is_file() and checkpoint.is_dir():
-        say(f"warning: {checkpoint} has no {checkpointing.MANIFEST}; loading it unverified")
+    if not (checkpoint / MANIFEST).is_file() and checkpoint.is_dir():
+        say(f"warning: {checkpoint} has no {MANIFEST}; loading it unverified")
         return
     raise ConfigError(f"train.resume={shown(run.train.resume)}: {checkpoint} fails verification: {problem}. Use "
                       "train.resume=auto to take the newest checkpoint that verifies, or name an older one "
@@ -123,9 +117,8 @@ def _refuse_damaged(run: RunConfig, checkpoint: Path, problem: str, say) -> None
 def _prepare(run: RunConfig, run_dir: Path, ckpt_dir: Path, tag: str, world: int, say) -> ResumePoint:
     """Rank 0: the chosen checkpoint's step, its model config checked against this run's, the universal copy."""
     checkpoint = ckpt_dir / tag
-    manifest = checkpointing.read_manifest(checkpoint) if (checkpoint / checkpointing.MANIFEST).is_file() else {}
-    step = int(manifest.get("step", checkpointing.TAG_RE.match(tag).group(1) if checkpointing.TAG_RE.match(tag)
-                            else 0))
+    manifest = run_files.read_manifest(checkpoint) if (checkpoint / MANIFEST).is_file() else {}
+    step = int(manifest.get("step", run_files.step_of(tag) or 0))
     check_model_config(run, checkpoint)
     written_by = manifest.get("world_size")
     universal = written_by is not None and written_by != world
@@ -133,16 +126,16 @@ def _prepare(run: RunConfig, run_dir: Path, ckpt_dir: Path, tag: str, world: int
     if universal:
         say(f"train.resume: {checkpoint} was written by {written_by} ranks, this run has {world}: resuming through "
             "a universal checkpoint")
-        load_dir = run_dir / "checkpoints"
+        load_dir = run_dir / CHECKPOINTS
         convert_to_universal(checkpoint, load_dir / (tag + UNIVERSAL_SUFFIX), say)
-    how = "fork of" if ckpt_dir.resolve() != (run_dir / "checkpoints").resolve() else "resuming"
+    how = "fork of" if ckpt_dir.resolve() != (run_dir / CHECKPOINTS).resolve() else "resuming"
     say(f"train.resume={shown(run.train.resume)}: {how} {checkpoint} (step {step}, verified)")
     return ResumePoint(ckpt_dir, tag, step, universal, load_dir)
 
 
 def check_model_config(run: RunConfig, checkpoint: Path) -> None:
     """ConfigError naming every model key whose value differs from the checkpoint's model_config.json."""
-    stored_path = checkpoint / checkpointing.MODEL_CONFIG
+    stored_path = checkpoint / MODEL_CONFIG
     if not stored_path.is_file():
         return  # older checkpoints: DeepSpeed's load names the first mismatching tensor
     stored: dict[str, Any] = json.loads(stored_path.read_text())

@@ -24,8 +24,8 @@ from typing import Any
 import psutil
 
 from dsv4.config import ConfigError
-from dsv4.training import checkpointing
-from dsv4.training.config import RunConfig
+from dsv4.run_config import RunConfig
+from dsv4.run_files import CHECKPOINTS, LATEST, list_checkpoints, resolve_run_path
 
 LOCK = "run.lock"
 LOCK_REFRESH_S = 30.0
@@ -46,15 +46,11 @@ def pick_run_dir(run: RunConfig) -> Path:
 
 def run_dir_of(path: Path) -> Path:
     """The run directory of a run directory, its checkpoints/ directory or one checkpoint (stepNNNNNNN/) in it."""
-    if not path.is_dir():
-        raise ConfigError(f"train.resume={str(path)!r}: no such directory")
-    if checkpointing.TAG_RE.match(path.name) and path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path.parent if path.name == "checkpoints" else path
+    return resolve_run_path(path, by="names", key=f"train.resume={str(path)!r}").run_dir
 
 
 def latest_run_dir() -> Path | None:
-    runs = sorted(Path("outputs").glob("*/checkpoints/latest"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(Path("outputs").glob(f"*/{CHECKPOINTS}/{LATEST}"), key=lambda p: p.stat().st_mtime)
     return runs[-1].parent.parent if runs else None
 
 
@@ -68,7 +64,7 @@ def is_fork(run: RunConfig, run_dir: Path) -> bool:
 
 def held_run(run_dir: Path) -> str | None:
     """What run a directory already holds ("a finished run (...)", "an interrupted run (...)"), or None."""
-    checkpoints = checkpointing.list_checkpoints(run_dir / "checkpoints")
+    checkpoints = list_checkpoints(run_dir / CHECKPOINTS)
     metrics = run_dir / "metrics.jsonl"
     steps = f"checkpoints up to step {checkpoints[0].step}" if checkpoints else "no checkpoint"
     if (run_dir / "summary.json").is_file():

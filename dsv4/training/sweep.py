@@ -115,7 +115,7 @@ def check_jobs(jobs: list[tuple[str, list[str]]]) -> None:
     from omegaconf.errors import OmegaConfBaseException
 
     from dsv4.config import ConfigError
-    from dsv4.training.config import resolve_config
+    from dsv4.run_config import resolve_config
 
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="sweep_check"):
         for label, overrides in jobs:

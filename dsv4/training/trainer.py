@@ -29,15 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsv4.config import ConfigError
 from dsv4.model import DSV4Model
+from dsv4.run_config import RunConfig, phase_for_step, resolve_config, run_config_dict
+from dsv4.run_files import CHECKPOINTS, RUN_CONFIG
 from dsv4.training import checkpointing, flops
-from dsv4.training.config import (
-    RunConfig,
-    check_environment,
-    config_warnings,
-    phase_for_step,
-    resolve_config,
-    run_config_dict,
-)
+from dsv4.training.config import check_environment, config_warnings
 from dsv4.training.distributed import decided_by_rank0, init_distributed
 from dsv4.training.health import CHECKSUM_MOD, all_finite, batch_checksum, gather_digests
 from dsv4.training.metrics import (
@@ -134,7 +129,7 @@ class Trainer:
         self.ds_settings = effective_settings(self.ds_config)  # after deepspeed.extra: what DeepSpeed will run
         self.lock: RunLock | None = None
         self.run_dir = decided_by_rank0(lambda: pick_run_dir(run))
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS
         self._claim_run_dir()
         try:
             self._setup_after_claim()
@@ -184,7 +179,7 @@ class Trainer:
         self.data = self._streaming_data()  # with the checkpoint's stream position: a mismatch stops here
         self.validation_warning = self._check_validation()
         if self.is_main:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+            (self.run_dir / RUN_CONFIG).write_text(OmegaConf.to_yaml(self.cfg))
             (self.run_dir / "deepspeed.json").write_text(dumps_strict(self.ds_config, indent=2))
         self.logger = MetricsLogger(run.logging.wandb, self.run_dir, self.is_main,
                                     {**run_config_dict(run), "deepspeed_effective": self.ds_settings})
