@@ -33,6 +33,7 @@ from dsv4.evaluation.tasks import DEFAULT_TASKS, TASKS, EvalContext
 from dsv4.inference.generate import check_device
 from dsv4.loading import load_model
 from dsv4.ops.v4_attention import BACKENDS
+from dsv4.run_files import find_run_config
 
 
 def task_list() -> str:
@@ -179,16 +180,14 @@ def log_to_wandb(results: dict[str, Any], path: str, wandb_dir: str) -> str:
     """A new W&B run (job type eval) in the run's project; offline unless WANDB_API_KEY is set."""
     import wandb  # heavy and only needed with --wandb
 
-    loaded_run = Path(path)
     project, group = "dsv4-train", None
-    config_file = next((p / "config.yaml" for p in (loaded_run, *loaded_run.parents) if (p / "config.yaml").is_file()),
-                       None)
+    config_file = find_run_config(Path(path))
     if config_file is not None:
         wb = OmegaConf.load(config_file).get("logging", {}).get("wandb", {})
         project, group = wb.get("project") or project, wb.get("group")
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     Path(wandb_dir).mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, group=group, job_type="eval", name=f"eval-{loaded_run.name}",
+    run = wandb.init(project=project, group=group, job_type="eval", name=f"eval-{Path(path).name}",
                      dir=wandb_dir, mode=mode, config={"model": results["model"]},
                      settings=wandb.Settings(silent=True))
     run.log(flat_metrics(results))

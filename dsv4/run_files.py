@@ -254,6 +254,12 @@ def read_run_config(run_dir: Path | None) -> DictConfig | None:
     return OmegaConf.load(run_dir / RUN_CONFIG)
 
 
+def find_run_config(path: Path) -> Path | None:
+    """The config.yaml of the run that `path` (any file or directory inside a run, an export there too) belongs to:
+    the nearest one at or above it; None outside any run."""
+    return next((p / RUN_CONFIG for p in (path, *path.parents) if (p / RUN_CONFIG).is_file()), None)
+
+
 def checkpoint_model_config(ckpt_dir: Path, tag: str) -> ModelConfig:
     """The model config a checkpoint was trained with: its model_config.json, else (older checkpoints) the run's
     config.yaml."""

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 SHM_OP = "deepspeed_shm_comm"
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs", "9p",
               "fuse.sshfs", "fuse.glusterfs", "fuse.ceph", "panfs", "afs")
@@ -42,7 +44,7 @@ def extensions_root() -> Path:
     (torch.utils.cpp_extension._get_build_directory, without creating anything)."""
     if os.environ.get("TORCH_EXTENSIONS_DIR"):
         return Path(os.environ["TORCH_EXTENSIONS_DIR"])
-    import torch
+    import torch  # late: signal handling imports this module before (or without) torch, which takes seconds
     from torch.utils.cpp_extension import get_default_build_root
 
     if torch.version.hip is not None:
@@ -97,8 +99,6 @@ def _name(pid: str) -> str:
 
 def filesystem_type(path: Path) -> str:
     """The type of the filesystem holding `path` (the longest mount point above it), or "" if unknown."""
-    import psutil
-
     target, best, fstype = os.path.realpath(path), "", ""
     try:
         partitions = psutil.disk_partitions(all=True)
@@ -252,8 +252,6 @@ def release_held_locks() -> None:
 
 def _stop_builders(build_dir: str) -> None:
     """SIGKILL this process's descendants that work in `build_dir` (ninja and the compiler)."""
-    import psutil
-
     for child in psutil.Process().children(recursive=True):
         try:
             if os.path.realpath(child.cwd()) == build_dir:

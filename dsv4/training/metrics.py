@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from dsv4.run_config import WandbConfig
 
@@ -92,8 +95,6 @@ class _Phase:
 
     def __exit__(self, *exc) -> None:
         if self.timer.device.type == "cuda":
-            import torch
-
             torch.cuda.synchronize(self.timer.device)
         self.timer.totals[self.name] = self.timer.totals.get(self.name, 0.0) + time.perf_counter() - self.start
 
@@ -101,11 +102,7 @@ class _Phase:
 def peak_memory_bytes(device) -> int:
     """CUDA: max allocated by the caching allocator; CPU: this process's max resident set size."""
     if device.type == "cuda":
-        import torch
-
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 

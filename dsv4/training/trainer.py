@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from data_pipelines import StreamingData, load_data_state, prepare_data, save_data_state
 from dsv4.config import ConfigError
 from dsv4.model import DSV4Model
 from dsv4.run_config import RunConfig, phase_for_step, resolve_config, run_config_dict
@@ -143,8 +144,6 @@ class Trainer:
             print(message, flush=True)
 
     def _prepare_data(self):
-        from data_pipelines import prepare_data
-
         plan = prepare_data(self.config.data)  # missing files, unreadable shards, a bad tokenizer stop here
         if plan.vocab_size > self.config.model.vocab_size:
             raise ConfigError(f"model.vocab_size={self.config.model.vocab_size}: smaller than the tokenizer's "
@@ -200,8 +199,6 @@ class Trainer:
         self.first_batch = True  # the first micro-batch may take long: _next_batch says why
 
     def _streaming_data(self):
-        from data_pipelines import StreamingData, load_data_state
-
         t, point = self.config.train, self.resume
         seed = t.seed + point.step if point is not None and point.universal else t.seed
         # the ranks of one SP group read the same samples
@@ -550,8 +547,6 @@ class Trainer:
         """Collective: write, checksum, then publish the checkpoint after `done` steps; every rank writes its data
         state. Older checkpoints are pruned only after a step with an applied update, and the one this run
         resumed from never."""
-        from data_pipelines import save_data_state
-
         healthy = self.bad_in_a_row == 0 and self.high_in_a_row == 0 and self.last_applied is not None
         own = self.resume is not None and self.resume.ckpt_dir.resolve() == self.ckpt_dir.resolve()
         protect = [self.resume.tag] if own else []

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from data_pipelines.sources import open_stream
+from data_pipelines.tokenizer import load_tokenizer
+
 
 def held_out_sizes(plan: Any, seed: int) -> list[tuple[int, int]]:
     """(documents, tokens) in each source's validation split, read whole: only called when that split packs into
     no sequence, so every source's split is smaller than one sequence, or empty."""
-    from data_pipelines.sources import open_stream
-    from data_pipelines.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(plan.tokenizer)
     sizes = []
     for spec in plan.sources:
