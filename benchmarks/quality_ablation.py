@@ -34,11 +34,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dsv4 import attention as attention_module  # noqa: E402
 from dsv4.attention import V4Attention  # noqa: E402
 from dsv4.layer_kinds import KINDS  # noqa: E402
 from dsv4.ops.ranges import causal_ranges  # noqa: E402
 from dsv4.ops.v4_attention.naive import v4_attention_mask  # noqa: E402
+from dsv4.parallel.plan import LocalPlan  # noqa: E402
 
 COMPRESSED_KINDS = tuple(kind.name for kind in KINDS if kind.compressor)  # ("csa", "hca"): layers with entries
 
@@ -55,38 +55,35 @@ def without_compressed_entries(model: torch.nn.Module, kinds: tuple[str, ...] = 
             h.remove()
 
 
-class _BandedFunctional:
-    """torch.nn.functional, with SDPA restricted to the V4 window's rows (the oracle's mask of a window-only layer)."""
+class WindowedDensePlan(LocalPlan):
+    """The single-device plan, with the dense layers' attention restricted to the V4 window's rows (the oracle's mask
+    of a window-only layer)."""
 
     def __init__(self, window: int) -> None:
         self.window = window
 
-    def __getattr__(self, name: str):
-        return getattr(F, name)
-
-    def scaled_dot_product_attention(self, q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        seq_len = q.shape[-2]  # a full forward: as many keys as queries
+    def dense_attention(self, q, k, v, mask):
+        seq_len = q.shape[1]  # a full forward: as many keys as queries
         band = v4_attention_mask(causal_ranges(1, seq_len, self.window, 0, q.device), seq_len, 0, None)[:, None]
-        mask = band if attn_mask is None else attn_mask & band
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, **kwargs)
+        return LocalPlan.dense_attention(q, k, v, band if mask is None else mask & band)
 
 
 @contextlib.contextmanager
-def dense_within_window(window: int):
-    """Dense layers see only their last `window` keys inside the block (dsv4.attention's SDPA call is banded)."""
-    saved = attention_module.F
-    attention_module.F = _BandedFunctional(window)
+def dense_within_window(model: torch.nn.Module, window: int):
+    """Dense layers of `model` see only their last `window` keys inside the block."""
+    saved = model.options.plan
+    model.options.plan = WindowedDensePlan(window)
     try:
         yield
     finally:
-        attention_module.F = saved
+        model.options.plan = saved
 
 
 def restricted(model: torch.nn.Module, window: int, drop: tuple[str, ...]):
     """The context in which `model` sees no further back than its window (or drops only the `drop` kinds)."""
     stack = contextlib.ExitStack()
     stack.enter_context(without_compressed_entries(model, drop))
-    stack.enter_context(dense_within_window(window))
+    stack.enter_context(dense_within_window(model, window))
     return stack
 
 
