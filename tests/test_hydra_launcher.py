@@ -245,4 +245,5 @@ def test_finish_sweep_lists_a_point_whose_task_left_no_record(tmp_path, capsys):
     assert rows[0].split()[:5] == ["0", "train.lr-1", "0", "2", "1.5000"] and rows[1].split()[:3] == [
         "1", "train.lr-2", "-"]
     assert "1/2 point(s) succeeded" in out.out and "RuntimeError: job 2 failed" in out.err
+    assert f"point 1 (train.lr-2): no record (its tasks died or never ran); its tasks' output: {tmp_path}" in out.out
     assert [j["job"] for j in json.loads((tmp_path / "sweep.json").read_text())["jobs"]] == [0, 1]

@@ -47,6 +47,7 @@ from dsv4.training.sweep import (
     hydra_quoted,
     job_results,
     load_sweep_config,
+    record_label,
     results_table,
     slug,
     write_records,
@@ -275,6 +276,12 @@ def finish_sweep(plan: SweepPlan, error: BaseException | None = None) -> int:
                                         "run_dir": str(run_dir), "returncode": None, **job_results(run_dir)}))
     records = write_records(plan.sweep_dir, plan.group)
     print(results_table(records), flush=True)
+    for r in records:
+        if r.get("returncode") != 0:
+            where = plan.sweep_dir / ".submitit" / str(r.get("job_id") or "<job id>")
+            code = r.get("returncode")
+            status = f"exit code {code}" if code is not None else "no record (its tasks died or never ran)"
+            print(f"point {r['job']} ({record_label(r)}): {status}; its tasks' output: {where}/", flush=True)
     ok = sum(r.get("returncode") == 0 for r in records)
     print(f"sweep {plan.group}: {ok}/{len(records)} point(s) succeeded (results in {plan.sweep_dir / 'sweep.json'})",
           flush=True)
