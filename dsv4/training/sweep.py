@@ -1,5 +1,8 @@
 """Hydra sweeps where every job is its own (distributed) run.
 
+Our own driver, for `-m` without `hydra/launcher=...` (with it, Hydra's submitit launcher runs the sweep instead:
+dsv4/training/hydra_launcher.py).
+
     python train.py -m train.lr=1e-3,3e-3 attention=csa,v4_flash          # 4 jobs, one after another
     python train.py -m sweep=lr_x_layout --ranks 2                         # a sweep config, 2 ranks per job
     python launch/sweep.py --sweep topk_x_ratio --ranks 8 model=small      # the same driver
