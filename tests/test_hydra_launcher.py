@@ -231,6 +231,47 @@ def test_preempted_point_checkpoints_requeues_and_resumes_to_the_uninterrupted_l
     assert summaries[0]["start_step"] == stopped_at
 
 
+FAKE_SBATCH = """#!/bin/sh
+for arg in "$@"; do script="$arg"; done
+cp "$script" "$(dirname "$0")/job.sh"
+echo "Submitted batch job 4242"
+"""
+FAKE_SACCT = """#!/bin/sh
+echo "JobID|State|NodeList"
+echo "4242_0|FAILED|node1"
+echo "4242_1|FAILED|node1"
+"""
+
+
+def test_slurm_submission_with_sbatch_faked(tmp_path):
+    """`-m hydra/launcher=slurm` as submitted, with sbatch, srun and sacct faked: one array job of the two points
+    (array_parallelism), each point 2 nodes x 8 tasks on 8 GPUs a node, USR1 before the time limit (the signal the
+    trainer checkpoints on, set before submitit was imported), the tasks told the same, srun given the CPUs. Both
+    points die (sacct: FAILED, no result): the table still lists them and the sweep exits 1."""
+    if filesystem_type(tmp_path) in hydra_launcher.NODE_LOCAL_FILESYSTEMS:
+        pytest.skip(f"{tmp_path} is on {filesystem_type(tmp_path)}: a SLURM sweep directory there is refused")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("sacct", FAKE_SACCT), ("srun", "#!/bin/sh\nexit 0\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    sweep_dir = tmp_path / "sweep"
+    res = subprocess.run([sys.executable, "train.py", "-m", "hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                          "hydra.launcher.partition=gpu", "train.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep_dir}"],
+                         cwd=ROOT, env={**env(1), "PATH": f"{bin_dir}:{os.environ['PATH']}"}, capture_output=True,
+                         text=True, timeout=300)
+    script = (bin_dir / "job.sh").read_text()
+    for line in ("#SBATCH --array=0-1%2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=8", "#SBATCH --partition=gpu",
+                 "#SBATCH --signal=USR1@300", "#SBATCH --time=1440", "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+                 'export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK', f"-m submitit.core._submit {sweep_dir}/.submitit"):
+        assert line in script, script
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = res.stdout[res.stdout.index(" job  overrides"):].splitlines()[1:3]
+    assert [row.split()[:3] for row in rows] == [["0", "train.lr-0.001", "-"], ["1", "train.lr-0.003", "-"]]
+    assert "the launcher reported a failed job (UncompletedJobError" in res.stderr
+
+
 def test_finish_sweep_lists_a_point_whose_task_left_no_record(tmp_path, capsys):
     """A task that died (killed, out of memory) writes no record and submitit raises: the table still has its row,
     exit code unknown, and the sweep fails."""
