@@ -101,6 +101,7 @@ def override_key(override: str) -> str:
 def _is_hydra_override(override: str) -> bool:
     return override_key(override).startswith(("hydra.", "hydra/"))
 
+
 def prepare_sweep(args: list[str]) -> SweepPlan:
     """Check everything a sweep through hydra/launcher=... needs before any job is submitted, and print its points.
     `args`: the command line after -m. A mistake raises SweepError naming the key, value or directory."""
@@ -137,19 +138,19 @@ def prepare_sweep(args: list[str]) -> SweepPlan:
     group = f"{name}-{stamp if not user_dir else sweep_dir.name}"
     extra = [] if any(override_key(o) == "logging.wandb.group" for o in task_overrides) else [
         f"logging.wandb.group={hydra_quoted(group)}"]
-    check_jobs([(f"job {p.index} ({' '.join(p.varying) or 'no swept keys'})", [*p.overrides, *extra])
-                for p in points])
-    if not dry_run:
-        check_sweep_dir(sweep_dir, "hydra.sweep.dir")
-    if launcher == "slurm":
-        check_shared_dir(sweep_dir, int(launcher_cfg["nodes"]))
-        if not dry_run and shutil.which("sbatch") is None:
-            raise SweepError("hydra/launcher=slurm: sbatch is not on PATH: submit from a SLURM login node (or use "
-                             "hydra/launcher=local on this machine)")
     preempt = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", PREEMPT_SIGNAL)
     if preempt != PREEMPT_SIGNAL:
         raise SweepError(f"SUBMITIT_PREEMPT_SIGNAL={preempt}: the trainer checkpoints on {PREEMPT_SIGNAL} (and TERM, "
                          "INT); unset it")
+    if launcher == "slurm" and not dry_run and shutil.which("sbatch") is None:
+        raise SweepError("hydra/launcher=slurm: sbatch is not on PATH: submit from a SLURM login node (or use "
+                         "hydra/launcher=local on this machine)")
+    check_jobs([(f"job {p.index} ({' '.join(p.varying) or 'no swept keys'})", [*p.overrides, *extra])
+                for p in points])
+    if launcher == "slurm":
+        check_shared_dir(sweep_dir, int(launcher_cfg["nodes"]))
+    if not dry_run:  # the last check: it creates the directory
+        check_sweep_dir(sweep_dir, "hydra.sweep.dir")
     fixed = ",".join(hydra_quoted(k) for k in sorted((keys - swept) | {"logging.wandb.group"}))
     hydra_args = [*(o for o in hydra_overrides if override_key(o) != "hydra.sweep.dir"),
                   f"hydra.sweep.dir={hydra_quoted(str(sweep_dir))}",
@@ -166,7 +167,7 @@ def _launcher_config(hydra_overrides: list[str], first_job: list[str]) -> tuple[
     try:
         with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf"), job_name="sweep_check"):
             cfg = compose(config_name="config", overrides=[*hydra_overrides, *first_job], return_hydra_config=True)
-            launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+            launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
             return launcher, str(cfg.hydra.sweep.dir)
     except (HydraException, OmegaConfBaseException) as e:
         key = getattr(e.__cause__, "full_key", None) or ""
