@@ -4,6 +4,7 @@
     deepspeed --num_gpus 2 train.py deepspeed=zero3   # several ranks (CPU ranks use gloo)
     torchrun --standalone --nproc_per_node 2 train.py
     python train.py -m train.lr=1e-3,3e-3 --ranks 2    # a sweep: each job its own run (dsv4/training/sweep.py)
+    python train.py -m hydra/launcher=slurm train.lr=1e-3,3e-3   # each point a SLURM job (training/hydra_launcher.py)
 
 Ctrl-C (SIGINT), SIGTERM or SIGUSR1 while training: checkpoint at the next step boundary, summary, exit 0; a second
 Ctrl-C exits at once. A mistake (a bad key, a missing file, a directory in use) stops with one line, exit code 2.
@@ -14,6 +15,7 @@ import signal
 import sys
 
 MULTIRUN = ("-m", "--multirun")
+REPO = os.path.dirname(os.path.abspath(__file__))  # submitit's tasks start in the working directory, not here
 USER_HYDRA_FULL_ERROR = "HYDRA_FULL_ERROR" in os.environ  # the user's: Hydra's errors then keep their traceback
 SWEEP_OPTIONS = ("--ranks", "--parallel", "--launcher", "--sweep-dir", "--devices", "--job", "--dry-run", "--sweep")
 
@@ -31,10 +33,12 @@ def _exit_during_startup(signum: int, frame) -> None:
 
 
 def route(argv: list[str]) -> tuple[str, list[str] | str]:
-    """What a command line asks for: ("sweep", driver args) when -m / --multirun appears anywhere, ("train",
-    Hydra args) for one run, or ("error", message) for a sweep option without -m."""
+    """What a command line asks for: ("sweep", driver args) when -m / --multirun appears anywhere, ("launcher",
+    args) when it also names a hydra/launcher, ("train", Hydra args) for one run, or ("error", message) for a sweep
+    option without -m."""
     if any(arg in MULTIRUN for arg in argv):
-        return "sweep", [arg for arg in argv if arg not in MULTIRUN]
+        args = [arg for arg in argv if arg not in MULTIRUN]
+        return ("launcher" if any(arg.startswith("hydra/launcher=") for arg in args) else "sweep"), args
     sweep_like = [arg for arg in argv if arg.startswith("sweep=") or arg.split("=", 1)[0] in SWEEP_OPTIONS]
     if sweep_like:
         return "error", (f"{sweep_like[0]}: sweeps run with -m, e.g. python train.py -m {' '.join(argv)} "
@@ -50,6 +54,8 @@ def main() -> None:
         from dsv4.training.sweep import main as sweep_main
 
         sys.exit(sweep_main(args, prog="train.py -m"))
+    if kind == "launcher":
+        sys.exit(launcher_sweep(args))
     if kind == "error":
         print(f"error: {args}", file=sys.stderr)
         sys.exit(2)
@@ -81,6 +87,42 @@ def main() -> None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
+def launcher_sweep(args: list[str]) -> int:
+    """`-m hydra/launcher=...`: every check before submission, Hydra's multirun through the submitit launcher (each
+    task one rank: the task function below), then the results table and sweep.json -> the exit code."""
+    from hydra.errors import HydraException
+
+    from dsv4.training.hydra_launcher import SweepError, finish_sweep, prepare_sweep
+
+    try:
+        plan = prepare_sweep(args)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if plan.dry_run:
+        return 0
+    os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"  # tasks and sbatch's --signal: the signal the trainer handles
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # submitted: Ctrl-C stops waiting, not "start-up"
+    sys.argv = [sys.argv[0], "-m", *plan.hydra_args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    error = None
+    try:
+        hydra_main()
+    except HydraException as e:
+        print(f"error: {hydra_error_line(e)}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nCtrl-C: stopped waiting for the sweep ({plan.sweep_dir}); jobs already submitted to SLURM keep "
+              "running (squeue), local ones are stopped", file=sys.stderr, flush=True)
+        return 130
+    except Exception as e:  # a task that died leaves no result: submitit raises; the table still shows every point
+        error = e
+    finally:
+        if not USER_HYDRA_FULL_ERROR:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    return finish_sweep(plan, error)
+
+
 def hydra_error_line(e: Exception) -> str:
     """One line for an error of Hydra's (a bad override, an unknown key or config): its message without the
     search path and caret lines, and for an override the shell unquoted (`data.eos_token=<eos>`), how to quote it."""
@@ -110,12 +152,21 @@ def hydra_error_line(e: Exception) -> str:
 
 def _hydra_entry():
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-    def run(cfg: DictConfig) -> None:
+    def run(cfg: DictConfig) -> int | None:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" and not USER_HYDRA_FULL_ERROR:
             os.environ.pop("HYDRA_FULL_ERROR")  # errors of the run itself: Hydra's usual short traceback
+        if os.environ.get("SUBMITIT_EXECUTOR") and HydraConfig.get().mode == RunMode.MULTIRUN:
+            # a task of a -m hydra/launcher=... sweep: one rank of its point's run; it returns (submitit records it)
+            if REPO not in sys.path:
+                sys.path.insert(0, REPO)
+            from dsv4.training.launcher_task import run_task
+
+            return run_task(cfg)
         from data_pipelines import DataError
         from dsv4.config import ConfigError
         from dsv4.training.checkpointing import CheckpointError

@@ -149,7 +149,7 @@ def choose_lr(trials: list[dict[str, Any]]) -> float:
 def run_training(job: Job, out: Path, experiment: str = "quality") -> dict[str, Any]:
     """Train `job` (train.py +experiment=<experiment>) unless its run finished already; returns its summary.json.
     An interrupted run resumes."""
-    from dsv4.training.sweep import _quoted, job_command
+    from dsv4.training.sweep import hydra_quoted, job_command
 
     run_dir = out / "runs" / job.name
     record = run_dir / "job.json"
@@ -164,9 +164,9 @@ def run_training(job: Job, out: Path, experiment: str = "quality") -> dict[str, 
             return summary
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(asdict(job), indent=2))
-    extra = [f"train.output_dir={_quoted(str(run_dir))}", "train.resume=auto",
-             f"logging.wandb.group={_quoted(experiment + '-' + out.resolve().name)}",
-             f"logging.wandb.name={_quoted(job.name)}"]
+    extra = [f"train.output_dir={hydra_quoted(str(run_dir))}", "train.resume=auto",
+             f"logging.wandb.group={hydra_quoted(experiment + '-' + out.resolve().name)}",
+             f"logging.wandb.name={hydra_quoted(job.name)}"]
     cmd, env_extra = job_command("python", 1, [f"+experiment={experiment}", *job.overrides, *extra])
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log = out / "logs" / f"{job.name}.log"

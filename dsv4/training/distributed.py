@@ -82,12 +82,18 @@ def _shm_op_jit_built() -> bool:
     return not (installed_ops.get(builder.name, False) and accelerator_name == get_accelerator()._name)
 
 
+def close_process_group(barrier: bool = True) -> None:
+    """Leave the default process group: a barrier first (only when every rank gets there), then destroy it."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def shutdown(exit_code: int = 0) -> None:
     """barrier -> destroy -> flush -> os._exit: avoids gloo's abort at interpreter exit (torch#190489)."""
     try:
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        close_process_group()
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,5 +1,8 @@
 """Hydra sweeps where every job is its own (distributed) run.
 
+Our own driver, for `-m` without `hydra/launcher=...` (with it, Hydra's submitit launcher runs the sweep instead:
+dsv4/training/hydra_launcher.py).
+
     python train.py -m train.lr=1e-3,3e-3 attention=csa,v4_flash          # 4 jobs, one after another
     python train.py -m sweep=lr_x_layout --ranks 2                         # a sweep config, 2 ranks per job
     python launch/sweep.py --sweep topk_x_ratio --ranks 8 model=small      # the same driver
@@ -125,16 +128,16 @@ def check_jobs(jobs: list[tuple[str, list[str]]]) -> None:
                 raise SweepError(f"{label}: {_one_line(e)}") from None
 
 
-def check_sweep_dir(sweep_dir: Path) -> None:
+def check_sweep_dir(sweep_dir: Path, setting: str = "--sweep-dir") -> None:
     """Create the sweep directory and write a file in it, before any job starts (os.access is no test: as root it
-    says yes to a read-only mount); SweepError naming --sweep-dir when that fails."""
+    says yes to a read-only mount); SweepError naming `setting` (--sweep-dir, or hydra.sweep.dir) when that fails."""
     probe = sweep_dir / "jobs" / f".write-test.{os.getpid()}"
     try:
         probe.parent.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise SweepError(f"--sweep-dir {sweep_dir}: cannot write there ({e.strerror or e}); choose a writable "
+        raise SweepError(f"{setting} {sweep_dir}: cannot write there ({e.strerror or e}); choose a writable "
                          "directory") from None
 
 
@@ -144,12 +147,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slug(overrides: list[str]) -> str:
+def slug(overrides: list[str]) -> str:
+    """A job's swept overrides as a file name: `train.lr=1e-3 attention=csa` -> `train.lr-1e-3_attention-csa`."""
     text = "_".join(o.split("/")[-1].replace("=", "-") for o in overrides) or "base"
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text)[:80]
 
 
-def _quoted(value: str) -> str:
+def hydra_quoted(value: str) -> str:
     """A Hydra quoted string: commas, brackets and `=` inside stay one value."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -210,21 +214,23 @@ def results_table(records: list[dict[str, Any]]) -> str:
     def number(value: Any, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
-    width = max([len(_slug_label(r)) for r in records] + [4])
+    width = max([len(record_label(r)) for r in records] + [4])
     lines = [f"{'job':>4}  {'overrides':<{width}}  {'exit':>4}  {'steps':>6}  {'val loss':>8}  {'ppl':>8}  "
              f"{'tok/s':>9}"]
     for r in records:
-        lines.append(f"{r['job']:>4}  {_slug_label(r):<{width}}  {number(r.get('returncode'), 'd'):>4}  "
+        lines.append(f"{r['job']:>4}  {record_label(r):<{width}}  {number(r.get('returncode'), 'd'):>4}  "
                      f"{number(r.get('steps'), 'd'):>6}  {number(r.get('val_loss'), '.4f'):>8}  "
                      f"{number(r.get('val_ppl'), '.2f'):>8}  {number(r.get('tokens_per_s'), ',.0f'):>9}")
     return "\n".join(lines)
 
 
-def _slug_label(record: dict[str, Any]) -> str:
-    return Path(record["run_dir"]).name.split("-", 1)[-1]
+def record_label(record: dict[str, Any]) -> str:
+    """A job's swept overrides as the table shows them: its `label` (a hydra/launcher point), else from its run
+    directory's name (<n>-<overrides>)."""
+    return record.get("label") or Path(record["run_dir"]).name.split("-", 1)[-1]
 
 
-def _write_records(sweep_dir: Path, group: str) -> list[dict[str, Any]]:
+def write_records(sweep_dir: Path, group: str) -> list[dict[str, Any]]:
     """sweep.json from every job record in <sweep dir>/jobs/ (several drivers may share the directory)."""
     records = [json.loads(p.read_text()) for p in sorted((sweep_dir / "jobs").glob("*.json"))]
     records.sort(key=lambda r: r["job"])
@@ -307,12 +313,12 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         """Job i's swept overrides, run directory and every override it runs with."""
         job = jobs[i]
         varying = [o for o in job if o.split("=", 1)[0] in sweeping]
-        run_dir = sweep_dir / f"{i:03d}-{_slug(varying)}"
-        extra = [f"train.output_dir={_quoted(str(run_dir))}"]
+        run_dir = sweep_dir / f"{i:03d}-{slug(varying)}"
+        extra = [f"train.output_dir={hydra_quoted(str(run_dir))}"]
         if not any(o.startswith("logging.wandb.group=") for o in job):
-            extra.append(f"logging.wandb.group={_quoted(group)}")
+            extra.append(f"logging.wandb.group={hydra_quoted(group)}")
         if not any(o.startswith("logging.wandb.name=") for o in job):
-            extra.append(f"logging.wandb.name={_quoted(','.join(varying) or name)}")
+            extra.append(f"logging.wandb.name={hydra_quoted(','.join(varying) or name)}")
         return varying, run_dir, [*job, *extra]
 
     # every mistake before any work: each job's config, then (a real sweep) the sweep directory
@@ -353,14 +359,14 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
             record["wall_s"] = round(record["ended"] - record["started"], 1)
             failed += proc.returncode != 0
             (sweep_dir / "jobs" / f"{i:03d}.json").write_text(json.dumps(record))
-            _write_records(sweep_dir, group)
+            write_records(sweep_dir, group)
             print(f"[{i + 1}/{len(jobs)}] exit code {proc.returncode}"
                   + (f" (output: {sweep_dir / f'{i:03d}.log'})" if log else ""), flush=True)
         if running:
             time.sleep(0.5)
     if args.dry_run:  # nothing written: no directory, no job records
         return 0
-    records = _write_records(sweep_dir, group)
+    records = write_records(sweep_dir, group)
     if not args.dry_run:
         print(results_table(records), flush=True)
         print(f"sweep {group}: {len(selected) - failed}/{len(selected)} job(s) succeeded (results in "
