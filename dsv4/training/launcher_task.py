@@ -28,6 +28,7 @@ from omegaconf import DictConfig, open_dict
 
 from data_pipelines import DataError
 from dsv4.config import ConfigError
+from dsv4.run_files import CHECKPOINTS
 from dsv4.training.checkpointing import CheckpointError
 from dsv4.training.distributed import close_process_group
 from dsv4.training.hydra_launcher import override_key
@@ -66,7 +67,7 @@ def resume_setting(current: Any, run_dir: Path) -> Any:
     """train.resume for a task: `auto` (continue this point's own checkpoints after a requeue, start fresh the first
     time), except a fork (a path) on its first attempt, before this point has checkpoints of its own."""
     forking = isinstance(current, str) and current not in ("auto", "true", "false")
-    return current if forking and not (run_dir / "checkpoints").is_dir() else "auto"
+    return current if forking and not (run_dir / CHECKPOINTS).is_dir() else "auto"
 
 
 def run_task(cfg: DictConfig) -> int:
