@@ -6,17 +6,17 @@ paths, every output element written, torch.compile."""
 
 import pytest
 import torch
+from op_helpers import assert_close, make_ranges  # noqa: E402
 
 import dsv4.ops.triton_common as triton_common
 import dsv4.ops.v4_attention.torch_chunked as attention_chunks
 import dsv4.ops.v4_attention.triton as triton_kernels
-from dsv4.ops.ranges import AttentionRanges, causal_ranges, document_ranges, group_starts
+from dsv4.ops.ranges import document_ranges, group_starts
 from dsv4.ops.v4_attention import v4_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: TRITON_INTERPRET=1 (conftest)
 
 
-DOC_LENGTHS = ([37, 1, 50, 4, 41], [5, 60, 2, 66])  # per batch row, 133 tokens; a 1-token document
 
 
 @pytest.fixture(autouse=True)
@@ -30,30 +30,6 @@ def budget(request, monkeypatch):
     if request.param == "one_block_per_chunk":
         monkeypatch.setattr(attention_chunks, "CHUNK_ELEMENTS", 1)
     return request.param
-
-
-def make_ranges(kind: str, batch: int, seq_len: int, window: int, ratio: int):
-    """-> (ranges, number of raw K=V rows, number of compressed entries)."""
-    if kind == "plain":
-        return causal_ranges(batch, seq_len, window, ratio, "cpu"), seq_len, seq_len // ratio if ratio else 0
-    if kind == "documents":
-        rows = DOC_LENGTHS if seq_len == 133 else ([seq_len], [seq_len // 2, seq_len - seq_len // 2])
-        positions = torch.stack([torch.cat([torch.arange(n) for n in rows[b % 2]]) for b in range(batch)])
-        starts = group_starts(positions, ratio) if ratio else None
-        n_entries = 0 if starts is None else starts.shape[1]
-        return document_ranges(positions, window, ratio, starts), seq_len, n_entries
-    # halo'd: the K=V rows start with window - 1 rows of a previous shard, as under sequence parallelism
-    halo = window - 1
-    t = torch.arange(seq_len)[None].expand(batch, -1) + halo
-    plain = causal_ranges(batch, seq_len, window, ratio, "cpu")
-    ranges = AttentionRanges((t - window + 1).int(), t.int(), plain.cmp_lo, plain.cmp_hi)
-    return ranges, seq_len + halo, seq_len // ratio if ratio else 0
-
-
-def assert_close(a, b, what, tol=3e-5):
-    scale = b.abs().max().clamp_min(1.0)
-    err = (a - b).abs().max()
-    assert err <= tol * scale, f"{what}: max abs err {err:.3e} (scale {scale:.3e})"
 
 
 # ------------------------------------------------------------------ PyTorch path and op semantics
