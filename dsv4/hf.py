@@ -1,0 +1,207 @@
+"""Our model as Hugging Face transformers' own DeepseekV4ForCausalLM (model_type `deepseek_v4`), and back.
+
+transformers' DeepSeek-V4 decoder always has mHC hyper-connections and MoE MLPs; our plain decoder is the special
+case where both do nothing (checked to about 1e-6 relative in fp32, tests/test_hf.py):
+- hyper-connections: `hc_mult=1`, `hc_eps=0`, every block's `fn = 0`, `base = [100, 0, 0]`, `scale = 1`, so
+  pre = sigmoid(100) = 1.0 in fp32, post = 2 * sigmoid(0) = 1 and comb = 1; the head's likewise (`hc_base = [100]`);
+- MLP: one shared expert (our SwiGLU) plus one routed expert and router that are all zero (the routed expert adds
+  exactly 0), every layer `moe` (no hash routing), `swiglu_limit` large enough never to clamp;
+- attention: `layer_types` and `compress_rates` written out (HF has one ratio per kind), `partial_rotary_factor =
+  qk_rope_head_dim / head_dim`, YaRN copied into `rope_parameters`, no MTP layers.
+A model whose CSA layers were trained only to the dense or indexer-warm-up phase attends to every visible entry:
+its HF `index_topk` covers every entry a sequence of `max_position_embeddings` tokens can have.
+This module is plain dicts and tensors (no transformers import): dsv4.export writes through it, dsv4.loading and
+the trainer's `train.init_from` read HF directories through it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from dsv4.config import ConfigError, ModelConfig
+
+MODEL_TYPE = "deepseek_v4"
+ARCHITECTURE = "DeepseekV4ForCausalLM"
+LAYER_TYPES = {"window": "sliding_attention", "csa": "compressed_sparse_attention",
+               "hca": "heavily_compressed_attention"}
+HC_PASS_THROUGH = 100.0  # sigmoid(100) == 1.0 in fp32: the hyper-connection passes its one stream through whole
+SWIGLU_NO_LIMIT = 1.0e30  # HF clamps the SwiGLU inputs at swiglu_limit (10 by default); ours never clamps
+OURS_KEY = "dsv4"  # our config keys HF has no field for (index_topk of a dense-phase export, the phase)
+
+# our parameter name (after "layers.{i}.") -> HF's (after "model.layers.{i}.")
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn.attn_sink": "self_attn.sinks",
+    "attn.wq_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_norm.weight": "self_attn.q_a_norm.weight",
+    "attn.wq_b.weight": "self_attn.q_b_proj.weight",
+    "attn.wkv.weight": "self_attn.kv_proj.weight",
+    "attn.kv_norm.weight": "self_attn.kv_norm.weight",
+    "attn.wo_a.weight": "self_attn.o_a_proj.weight",
+    "attn.wo_b.weight": "self_attn.o_b_proj.weight",
+    "attn.compressor.ape": "self_attn.compressor.position_bias",
+    "attn.compressor.wkv.weight": "self_attn.compressor.kv_proj.weight",
+    "attn.compressor.wgate.weight": "self_attn.compressor.gate_proj.weight",
+    "attn.compressor.norm.weight": "self_attn.compressor.kv_norm.weight",
+    "attn.indexer.wq_b.weight": "self_attn.compressor.indexer.q_b_proj.weight",
+    "attn.indexer.weights_proj.weight": "self_attn.compressor.indexer.scorer.weights_proj.weight",
+    "attn.indexer.compressor.ape": "self_attn.compressor.indexer.position_bias",
+    "attn.indexer.compressor.wkv.weight": "self_attn.compressor.indexer.kv_proj.weight",
+    "attn.indexer.compressor.wgate.weight": "self_attn.compressor.indexer.gate_proj.weight",
+    "attn.indexer.compressor.norm.weight": "self_attn.compressor.indexer.kv_norm.weight",
+    "ffn.w1.weight": "mlp.shared_experts.gate_proj.weight",
+    "ffn.w3.weight": "mlp.shared_experts.up_proj.weight",
+    "ffn.w2.weight": "mlp.shared_experts.down_proj.weight",
+}
+_TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "head.weight": "lm_head.weight"}
+
+
+def hf_refusals(cfg: ModelConfig) -> list[str]:
+    """Why HF's DeepseekV4 cannot express this model (one line per reason, naming the layer or key); [] if it can."""
+    reasons = []
+    hca_ratio_at: dict[int, int] = {}
+    for i, ratio in enumerate(cfg.compress_ratios):
+        kind = cfg.layer_kind(i)
+        if kind == "dense":
+            reasons.append(f"compress_ratios[{i}]={ratio}: a dense GQA layer; HF's DeepseekV4 has only window, "
+                           "CSA and HCA layers")
+        elif kind == "hca":
+            hca_ratio_at.setdefault(ratio, i)
+    if len(hca_ratio_at) > 1:
+        (first, i), (second, j) = sorted(hca_ratio_at.items(), key=lambda item: item[1])[:2]
+        reasons.append(f"compress_ratios[{j}]={second}: HCA ratio differs from compress_ratios[{i}]={first}; HF's "
+                       "DeepseekV4 has one ratio for all HCA layers (compress_rates)")
+    if int(cfg.head_dim * (cfg.qk_rope_head_dim / cfg.head_dim)) != cfg.qk_rope_head_dim:
+        reasons.append(f"qk_rope_head_dim={cfg.qk_rope_head_dim}: HF recomputes it as int(head_dim * "
+                       f"partial_rotary_factor), which rounds it to another value for head_dim={cfg.head_dim}")
+    return reasons
+
+
+def check_hf_expressible(cfg: ModelConfig) -> None:
+    """ConfigError listing every reason this model cannot be written in HF's DeepseekV4 format."""
+    reasons = hf_refusals(cfg)
+    if reasons:
+        raise ConfigError("--format hf: HF's DeepseekV4ForCausalLM cannot express this model: " + "; ".join(reasons)
+                          + ". Export it with --format dsv4 instead")
+
+
+def hf_config(cfg: ModelConfig, eos_id: int, phase: str = "sparse", bos_id: int | None = None) -> dict[str, Any]:
+    """HF's config.json for our model: every field that changes the computation is written out."""
+    check_hf_expressible(cfg)
+    ratios = {LAYER_TYPES[cfg.layer_kind(i)]: r for i, r in enumerate(cfg.compress_ratios) if r > 0}
+    compress_rates = {"compressed_sparse_attention": ratios.get("compressed_sparse_attention", 4),
+                      "heavily_compressed_attention": ratios.get("heavily_compressed_attention", 128)}
+    index_topk = cfg.index_topk
+    if phase != "sparse":  # attend to every visible entry, as the CSA layers were trained to
+        index_topk = max(index_topk, math.ceil(cfg.max_position_embeddings / compress_rates[LAYER_TYPES["csa"]]))
+    factor = cfg.qk_rope_head_dim / cfg.head_dim
+    compress_rope: dict[str, Any] = {"rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        rs = cfg.rope_scaling
+        compress_rope = {"rope_type": "yarn", "factor": rs.factor, "beta_fast": rs.beta_fast,
+                         "beta_slow": rs.beta_slow,
+                         "original_max_position_embeddings": rs.original_max_position_embeddings,
+                         "attention_factor": 1.0}  # no YaRN temperature (HF would derive 0.1 ln(factor) + 1)
+    n = cfg.num_hidden_layers
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "dtype": "float32",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": n,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "initializer_range": cfg.initializer_range,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": 1,
+        "head_dim": cfg.head_dim,
+        "partial_rotary_factor": factor,
+        "q_lora_rank": cfg.q_lora_rank,
+        "o_groups": cfg.o_groups,
+        "o_lora_rank": cfg.o_lora_rank,
+        "sliding_window": cfg.sliding_window,
+        "layer_types": [LAYER_TYPES[cfg.layer_kind(i)] for i in range(n)],
+        "compress_rates": compress_rates,
+        "index_n_heads": cfg.index_n_heads,
+        "index_head_dim": cfg.index_head_dim,
+        "index_topk": index_topk,
+        "rope_theta": cfg.rope_theta,
+        "compress_rope_theta": cfg.compress_rope_theta,
+        "rope_parameters": {
+            "main": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": factor},
+            "compress": {**compress_rope, "rope_theta": cfg.compress_rope_theta, "partial_rotary_factor": factor},
+        },
+        # the plain form: one residual stream, one shared expert (our SwiGLU), a zero routed expert
+        "hc_mult": 1,
+        "hc_eps": 0.0,
+        "hc_sinkhorn_iters": 1,
+        "moe_intermediate_size": cfg.intermediate_size,
+        "n_routed_experts": 1,
+        "num_experts_per_tok": 1,
+        "n_shared_experts": 1,
+        "mlp_layer_types": ["moe"] * n,
+        "routed_scaling_factor": 1.0,
+        "norm_topk_prob": True,
+        "scoring_func": "sqrtsoftplus",
+        "swiglu_limit": SWIGLU_NO_LIMIT,
+        "hidden_act": "silu",
+        "num_nextn_predict_layers": 0,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": None,
+        "use_cache": True,
+        OURS_KEY: {"index_topk": cfg.index_topk, "attention_phase": phase},
+    }
+
+
+def generation_config(eos_id: int, bos_id: int | None = None) -> dict[str, Any]:
+    """generation_config.json: greedy, stopping at the run tokenizer's EOS (HF's default EOS id 1 is another token)."""
+    return {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id, "do_sample": False}
+
+
+def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF's names, plus the pass-through hyper-connections and the zero router and routed expert."""
+    check_hf_expressible(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = tensor
+            continue
+        layer, rest = _split_layer(name)
+        if layer is None or rest not in _LAYER_NAMES:
+            raise ConfigError(f"{name}: no HF DeepseekV4 parameter for it")
+        out[f"model.layers.{layer}.{_LAYER_NAMES[rest]}"] = tensor
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)  # HF ties it to the embedding itself
+    d, inter, dtype = cfg.hidden_size, cfg.intermediate_size, torch.float32
+    for i in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{i}."
+        for hc in ("attn_hc", "ffn_hc"):
+            out[prefix + f"{hc}.fn"] = torch.zeros(3, d, dtype=dtype)
+            out[prefix + f"{hc}.base"] = torch.tensor([HC_PASS_THROUGH, 0.0, 0.0], dtype=dtype)
+            out[prefix + f"{hc}.scale"] = torch.ones(3, dtype=dtype)
+        out[prefix + "mlp.gate.weight"] = torch.zeros(1, d, dtype=dtype)
+        out[prefix + "mlp.gate.e_score_correction_bias"] = torch.zeros(1, dtype=dtype)
+        out[prefix + "mlp.experts.gate_up_proj"] = torch.zeros(1, 2 * inter, d, dtype=dtype)
+        out[prefix + "mlp.experts.down_proj"] = torch.zeros(1, d, inter, dtype=dtype)
+    out["model.hc_head.hc_fn"] = torch.zeros(1, d, dtype=dtype)
+    out["model.hc_head.hc_base"] = torch.tensor([HC_PASS_THROUGH], dtype=dtype)
+    out["model.hc_head.hc_scale"] = torch.ones(1, dtype=dtype)
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def _split_layer(name: str) -> tuple[int | None, str]:
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
+        return int(parts[1]), parts[2]
+    return None, name
