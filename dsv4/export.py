@@ -28,15 +28,13 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.hf import check_hf_expressible, generation_config, hf_config, to_hf_state_dict
+from dsv4.hf import check_hf_expressible, write_hf_directory
 from dsv4.loading import ModelSource, load_tokenizer_of, trained_phase
 from dsv4.model import DSV4Model, build_model
 from dsv4.run_files import (
     CONFIG,
     EXPORT,
-    GENERATION_CONFIG,
     HF_EXPORT_SUFFIX,
-    SPECIAL_TOKENS_MAP,
     TOKENIZER,
     TOKENIZER_CONFIG,
     TRAINING_INFO,
@@ -104,20 +102,9 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None, format: st
 
 
 def _save_hf(cfg: ModelConfig, state: dict, ckpt_dir: Path, tag: str, run_dir: Path, out: Path) -> None:
-    """transformers' DeepseekV4ForCausalLM directory: its config, its weight names, the run's tokenizer and EOS."""
-    phase = _trained_phase(ckpt_dir, tag)
-    save_file(to_hf_state_dict(cfg, state), str(out / WEIGHTS),
-              metadata={"format": "pt", "source": str(ckpt_dir / tag)})
+    """transformers' DeepseekV4ForCausalLM directory (dsv4.hf) with the run's tokenizer and EOS, and training.json."""
     tokenizer, eos_id = load_tokenizer_of(ModelSource("checkpoint", out, run_dir), read_run_config(run_dir))
-    (out / CONFIG).write_text(json.dumps(hf_config(cfg, eos_id, phase), indent=2))
-    (out / GENERATION_CONFIG).write_text(json.dumps(generation_config(eos_id), indent=2))
-    tokenizer.save(str(out / TOKENIZER))
-    eos = tokenizer.id_to_token(eos_id)
-    # PreTrainedTokenizerFast reads tokenizer.json as it is; pad = EOS so batched scoring (lm_eval) can pad
-    (out / TOKENIZER_CONFIG).write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
-        "model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}, indent=2))
-    (out / SPECIAL_TOKENS_MAP).write_text(json.dumps({"eos_token": eos, "pad_token": eos}, indent=2))
+    write_hf_directory(out, cfg, state, tokenizer, eos_id, _trained_phase(ckpt_dir, tag), source=str(ckpt_dir / tag))
     _save_training_info(ckpt_dir, tag, out)
 
 

@@ -16,12 +16,16 @@ the trainer's `train.init_from` read HF directories through it.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from dsv4.config import ConfigError, ModelConfig
+from dsv4.run_files import CONFIG, GENERATION_CONFIG, SPECIAL_TOKENS_MAP, TOKENIZER, TOKENIZER_CONFIG, WEIGHTS
 
 MODEL_TYPE = "deepseek_v4"
 ARCHITECTURE = "DeepseekV4ForCausalLM"
@@ -198,6 +202,25 @@ def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
     out["model.hc_head.hc_base"] = torch.tensor([HC_PASS_THROUGH], dtype=dtype)
     out["model.hc_head.hc_scale"] = torch.ones(1, dtype=dtype)
     return {name: t.contiguous() for name, t in out.items()}
+
+
+def write_hf_directory(out: Path, cfg: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Any, eos_id: int,
+                       phase: str = "sparse", source: str = "") -> None:
+    """Write what AutoModelForCausalLM / AutoTokenizer.from_pretrained(out) read: config.json, model.safetensors
+    (HF's names), generation_config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+    tokenizer: a `tokenizers.Tokenizer`; eos_id: its end-of-text id; phase: the CSA phase the weights run in."""
+    config = hf_config(cfg, eos_id, phase)  # refuses before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(to_hf_state_dict(cfg, state), str(out / WEIGHTS), metadata={"format": "pt", "source": source})
+    (out / CONFIG).write_text(json.dumps(config, indent=2))
+    (out / GENERATION_CONFIG).write_text(json.dumps(generation_config(eos_id), indent=2))
+    tokenizer.save(str(out / TOKENIZER))
+    eos = tokenizer.id_to_token(eos_id)
+    # PreTrainedTokenizerFast reads tokenizer.json as it is; pad = EOS so batched scoring (lm_eval) can pad
+    (out / TOKENIZER_CONFIG).write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "pad_token": eos,
+        "model_max_length": cfg.max_position_embeddings, "clean_up_tokenization_spaces": False}, indent=2))
+    (out / SPECIAL_TOKENS_MAP).write_text(json.dumps({"eos_token": eos, "pad_token": eos}, indent=2))
 
 
 def _split_layer(name: str) -> tuple[int | None, str]:
