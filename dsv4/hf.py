@@ -228,3 +228,104 @@ def _split_layer(name: str) -> tuple[int | None, str]:
     if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
         return int(parts[1]), parts[2]
     return None, name
+
+
+# ---------------------------------------------------------------- reading an HF deepseek_v4 directory
+_HF_LAYER_NAMES = {hf: ours for ours, hf in _LAYER_NAMES.items()}
+_HF_TOP_NAMES = {hf: ours for ours, hf in _TOP_NAMES.items()}
+_KIND_OF_LAYER_TYPE = {hf: ours for ours, hf in LAYER_TYPES.items()}
+_ROUTED = ("mlp.gate.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+NOT_TRAINED_HERE = "this project does not train it yet; only the plain form dsv4.export --format hf writes is read"
+
+
+def is_hf_config(config: dict[str, Any]) -> bool:
+    """A config.json written for transformers' DeepseekV4 (ours has no model_type)."""
+    return config.get("model_type") == MODEL_TYPE
+
+
+def from_hf_config(config: dict[str, Any], label: str = CONFIG) -> ModelConfig:
+    """Our ModelConfig for an HF deepseek_v4 config.json of the plain form; ConfigError naming any feature this
+    project does not train (more hyper-connection streams, routed experts, hash routing, MTP layers)."""
+    def refuse(what: str) -> ConfigError:
+        return ConfigError(f"{label}: {what}; {NOT_TRAINED_HERE}")
+
+    if not is_hf_config(config):
+        raise ConfigError(f"{label}: model_type={config.get('model_type')!r}, not {MODEL_TYPE!r}")
+    n = config["num_hidden_layers"]
+    if config.get("hc_mult", 4) != 1:
+        raise refuse(f"hc_mult={config.get('hc_mult', 4)}: mHC hyper-connections over several residual streams")
+    mlp_types = config.get("mlp_layer_types") or ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
+    if "hash_moe" in mlp_types:
+        raise refuse(f"mlp_layer_types[{mlp_types.index('hash_moe')}]=hash_moe: hash-routed MoE")
+    if config.get("n_routed_experts", 256) != 1 or config.get("num_experts_per_tok", 6) != 1:
+        raise refuse(f"n_routed_experts={config.get('n_routed_experts', 256)}: routed MoE experts")
+    if config.get("n_shared_experts", 1) != 1:
+        raise refuse(f"n_shared_experts={config['n_shared_experts']}: more than one shared expert")
+    if config.get("num_nextn_predict_layers", 1) != 0:
+        raise refuse(f"num_nextn_predict_layers={config.get('num_nextn_predict_layers', 1)}: MTP layers")
+    if config.get("swiglu_limit", 10.0) < SWIGLU_NO_LIMIT:
+        raise refuse(f"swiglu_limit={config.get('swiglu_limit', 10.0)}: a clamped SwiGLU")
+    rates = config.get("compress_rates") or {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    if "compressed_sparse_attention" in config["layer_types"] and rates["compressed_sparse_attention"] != 4:
+        raise refuse(f"compress_rates.compressed_sparse_attention={rates['compressed_sparse_attention']}: CSA "
+                     "groups of another size than 4")
+    ratios = [0 if t == "sliding_attention" else rates[t] for t in config["layer_types"]]
+    compress = config["rope_parameters"]["compress"]
+    rope_scaling = None
+    if compress.get("rope_type") == "yarn":
+        if compress.get("attention_factor", 1.0) != 1.0:
+            raise refuse(f"rope_parameters.compress.attention_factor={compress['attention_factor']}: a YaRN "
+                         "attention temperature")
+        rope_scaling = {"factor": compress["factor"], "beta_fast": compress.get("beta_fast", 32.0),
+                        "beta_slow": compress.get("beta_slow", 1.0),
+                        "original_max_position_embeddings": compress["original_max_position_embeddings"]}
+    head_dim = config["head_dim"]
+    ours = config.get(OURS_KEY) or {}
+    return ModelConfig.from_dict({
+        "vocab_size": config["vocab_size"], "hidden_size": config["hidden_size"], "num_hidden_layers": n,
+        "intermediate_size": config["moe_intermediate_size"], "rms_norm_eps": config["rms_norm_eps"],
+        "initializer_range": config.get("initializer_range", 0.02),
+        "tie_word_embeddings": config.get("tie_word_embeddings", False),
+        "max_position_embeddings": config["max_position_embeddings"],
+        "num_attention_heads": config["num_attention_heads"], "head_dim": head_dim,
+        "qk_rope_head_dim": int(head_dim * config["partial_rotary_factor"]), "q_lora_rank": config["q_lora_rank"],
+        "o_groups": config["o_groups"], "o_lora_rank": config["o_lora_rank"],
+        "sliding_window": config["sliding_window"], "compress_ratios": ratios,
+        "index_n_heads": config["index_n_heads"], "index_head_dim": config["index_head_dim"],
+        "index_topk": ours.get("index_topk", config["index_topk"]),
+        "rope_theta": config["rope_parameters"]["main"]["rope_theta"],
+        "compress_rope_theta": compress["rope_theta"], "rope_scaling": rope_scaling,
+    }, prefix=label)
+
+
+def from_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], label: str = WEIGHTS
+                       ) -> dict[str, torch.Tensor]:
+    """HF's weights -> ours; the pass-through hyper-connections and the zero router and routed expert are checked
+    and dropped (ConfigError naming the first that holds anything else: MTP weights, trained hyper-connections or
+    routed experts are features this project does not train)."""
+    mtp = sorted(name for name in state if name.startswith("mtp.") or ".mtp." in name)
+    if mtp:
+        raise ConfigError(f"{label}: {mtp[0]}: MTP weights; {NOT_TRAINED_HERE}")
+    expected = to_hf_state_dict(cfg, {})  # the synthesised parameters, as the plain form holds them
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in expected:
+            if tuple(tensor.shape) != tuple(expected[name].shape) or not torch.equal(tensor.float(), expected[name]):
+                feature = "routed MoE experts" if any(name.endswith(r) for r in _ROUTED) else (
+                    "a router score bias" if "e_score_correction_bias" in name else "trained mHC hyper-connections")
+                raise ConfigError(f"{label}: {name} is not the plain form's: {feature}; {NOT_TRAINED_HERE}")
+            continue
+        if name in _HF_TOP_NAMES:
+            out[_HF_TOP_NAMES[name]] = tensor
+            continue
+        parts = name.split(".", 3)
+        if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _HF_LAYER_NAMES:
+            out[f"layers.{parts[2]}.{_HF_LAYER_NAMES[parts[3]]}"] = tensor
+            continue
+        raise ConfigError(f"{label}: {name}: no parameter of this project's model for it")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ConfigError(f"{label}: lacks {missing[0]} ({len(missing)} of the plain form's parameters missing)")
+    if cfg.tie_word_embeddings and "head.weight" not in out and "embed.weight" in out:
+        out["head.weight"] = out["embed.weight"]
+    return out

@@ -19,8 +19,17 @@ from test_training import run
 from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
 from dsv4 import build_model
 from dsv4.config import ConfigError, ModelConfig
-from dsv4.hf import check_hf_expressible, hf_refusals, write_hf_directory
+from dsv4.hf import (
+    check_hf_expressible,
+    from_hf_config,
+    from_hf_state_dict,
+    hf_config,
+    hf_refusals,
+    to_hf_state_dict,
+    write_hf_directory,
+)
 from dsv4.inference.generate import generate_ids
+from dsv4.loading import initial_weights, load_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.deepseek_v4 import modeling_deepseek_v4 as hf_modeling  # noqa: E402
@@ -136,13 +145,18 @@ def trained_run(tmp_path_factory) -> Path:
     return out
 
 
-def test_export_format_hf_loads_offline_with_equal_logits(trained_run, tmp_path):
-    from dsv4.loading import load_model
-
-    out = tmp_path / "hf"
+@pytest.fixture(scope="module")
+def hf_export(trained_run, tmp_path_factory) -> tuple[Path, str]:
+    """`python -m dsv4.export RUN --format hf -o DIR` on the run: (DIR, the command's stdout)."""
+    out = tmp_path_factory.mktemp("hf_export") / "hf"
     res = run([sys.executable, "-m", "dsv4.export", str(trained_run), "--format", "hf", "-o", str(out)])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1] == f"exported {out / 'model.safetensors'} and {out / 'config.json'}"
+    return out, res.stdout
+
+
+def test_export_format_hf_loads_offline_with_equal_logits(trained_run, hf_export):
+    out, stdout = hf_export
+    assert stdout.strip().splitlines()[-1] == f"exported {out / 'model.safetensors'} and {out / 'config.json'}"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "generation_config.json"):
         assert (out / name).is_file(), name
@@ -178,3 +192,69 @@ def test_export_format_hf_refuses_before_any_work(trained_run, tmp_path, monkeyp
         export_module.export(trained_run, tmp_path / "hf", format="hf")
     assert not (tmp_path / "hf").exists()
     assert export_module.main([str(trained_run), "--format", "hf", "-o", str(tmp_path / "hf")]) == 2
+
+
+def test_hf_directory_reads_back_as_ours(tmp_path):
+    """dsv4.loading reads an HF export (any command taking an export directory does): the same model, same phase."""
+    model = tiny_model([0, 4, 16, 4], phase="dense")
+    to_hf(model, tmp_path / "hf", phase="dense")
+    loaded = load_model(tmp_path / "hf")
+    assert loaded.config == model.config and loaded.phase == "dense"  # index_topk kept despite HF's larger one
+    ids = torch.randint(0, TINY["vocab_size"], (1, 21), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids), model(ids))
+
+
+def test_hf_import_refuses_what_this_project_does_not_train():
+    cfg = ModelConfig(**dict(TINY, compress_ratios=[0, 4], num_hidden_layers=2))
+    plain = hf_config(cfg, eos_id=0)
+    for change, feature in [({"hc_mult": 4}, r"hc_mult=4: mHC hyper-connections"),
+                            ({"n_routed_experts": 8}, r"n_routed_experts=8: routed MoE experts"),
+                            ({"mlp_layer_types": ["hash_moe", "moe"]}, r"mlp_layer_types\[0\]=hash_moe: hash-routed"),
+                            ({"num_nextn_predict_layers": 1}, r"num_nextn_predict_layers=1: MTP layers"),
+                            ({"swiglu_limit": 10.0}, r"swiglu_limit=10.0: a clamped SwiGLU")]:
+        with pytest.raises(ConfigError, match=feature + r".*does not train it yet"):
+            from_hf_config({**plain, **change}, "config.json")
+    state = to_hf_state_dict(cfg, build_model(cfg).state_dict())
+    assert set(from_hf_state_dict(cfg, state)) == set(build_model(cfg).state_dict())
+    with pytest.raises(ConfigError, match=r"mtp.0.enorm.weight: MTP weights; this project does not train"):
+        from_hf_state_dict(cfg, {**state, "mtp.0.enorm.weight": torch.ones(TINY["hidden_size"])})
+    routed = dict(state)
+    routed["model.layers.1.mlp.experts.down_proj"] = torch.ones_like(routed["model.layers.1.mlp.experts.down_proj"])
+    with pytest.raises(ConfigError, match=r"experts.down_proj is not the plain form's: routed MoE experts"):
+        from_hf_state_dict(cfg, routed)
+    mixing = dict(state)
+    mixing["model.layers.0.attn_hc.fn"] = torch.full_like(mixing["model.layers.0.attn_hc.fn"], 0.1)
+    with pytest.raises(ConfigError, match=r"attn_hc.fn is not the plain form's: trained mHC hyper-connections"):
+        from_hf_state_dict(cfg, mixing)
+
+
+def test_init_from_names_each_differing_model_key(tmp_path):
+    model = tiny_model([0, 4, 16, 4])
+    to_hf(model, tmp_path / "hf")
+    other = ModelConfig(**dict(TINY, compress_ratios=[0, 4, 8, 4], sliding_window=16))
+    with pytest.raises(ConfigError, match=r"train.init_from=.*its model config differs from this run's: "
+                                          r"model.sliding_window: 8 there, 16 here; "
+                                          r"model.compress_ratios: \[0, 4, 16, 4\] there, \[0, 4, 8, 4\] here\. "
+                                          r"Set those model keys to match"):
+        initial_weights(tmp_path / "hf", other)
+    assert set(initial_weights(tmp_path / "hf", model.config)) == set(model.state_dict())
+
+
+def test_init_from_an_hf_export_starts_a_new_run_with_the_sources_logits(trained_run, hf_export, tmp_path):
+    """Export, then train.init_from the export: a new run at step 0 whose weights are the source's. Its one step
+    runs at lr 1e-30 (within warm-up: 3e-32), which moves no fp32 weight, so its checkpoint holds the weights its
+    first step's logits came from."""
+    exported, _ = hf_export
+    new_run = tmp_path / "new"
+    res = run([sys.executable, "train.py", "train.seq_len=64", "train.micro_batch_size=2", "train.steps=1",
+               "train.lr=1e-30", "train.phases.dense_steps=0", "train.phases.indexer_warmup_steps=0",
+               "train.eval_batches=1", "logging.wandb.enabled=false", f"train.output_dir={new_run}",
+               f"train.init_from={exported}"])
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert f"initialised from train.init_from={exported} (step 0, fresh optimizer, LR and data)" in res.stdout
+    assert "steps 0->1" in res.stdout
+    source, started = load_model(trained_run), load_model(new_run)
+    ids = torch.randint(0, 4000, (2, 70), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert relative_error(source.model(ids), started.model(ids)) <= 1e-7
