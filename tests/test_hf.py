@@ -9,12 +9,14 @@ first (as ours) and is absorbed by any nonzero score, so every row is compared.
 """
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_training import run
+from test_evaluate import TASK_YAML
+from test_training import ROOT, env, run
 
 from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
 from dsv4 import build_model
@@ -258,3 +260,43 @@ def test_init_from_an_hf_export_starts_a_new_run_with_the_sources_logits(trained
     ids = torch.randint(0, 4000, (2, 70), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert relative_error(source.model(ids), started.model(ids)) <= 1e-7
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_scores_the_export_as_dsv4_does(trained_run, hf_export, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR` on a local multiple-choice task: its loglikelihoods equal the
+    source run's own (the ones `--model dsv4` gives: tests/test_evaluate.py). The prompts are shorter than the
+    model's top-k reach (index_topk 16 entries = 64 tokens), so no indexer tie can arise."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")  # lm_eval's hf backend imports it
+    rows = [{"question": "It was the best of times, it was the", "choices": [" worst", " best", " end"], "gold": 0},
+            {"question": "Call me", "choices": [" Ishmael", " later", " now"], "gold": 0}]
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "toy_choice.yaml").write_text(TASK_YAML.format(
+        name="toy_choice", data=data, output_type="multiple_choice",
+        extra='doc_to_choice: "{{choices}}"\ndoc_to_target: "{{gold}}"\ntarget_delimiter: ""\n'
+              'metric_list:\n  - metric: acc'))
+    out = tmp_path / "results"
+    res = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args",
+                          f"pretrained={hf_export[0]},dtype=float32", "--device", "cpu", "--tasks", "toy_choice",
+                          "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+                         cwd=ROOT, env=dict(env(1), HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    samples = [json.loads(line) for line in next(out.rglob("samples_*.jsonl")).read_text().splitlines()]
+    assert len(samples) == len(rows)
+    loaded = load_model(trained_run)
+    tok, model = loaded.tokenizer, loaded.model
+    for sample in samples:
+        row = rows[sample["doc_id"]]
+        context = tok.encode(row["question"]).ids
+        ours = []
+        for choice in row["choices"]:
+            cont = tok.encode(row["question"] + choice).ids[len(context):]
+            with torch.no_grad():
+                logits = model(torch.tensor([context + cont[:-1]]))[0, -len(cont):]
+            ours.append(float(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()))
+        assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx(ours, abs=1e-4)
