@@ -300,3 +300,12 @@ def test_lm_eval_hf_scores_the_export_as_dsv4_does(trained_run, hf_export, tmp_p
                 logits = model(torch.tensor([context + cont[:-1]]))[0, -len(cont):]
             ours.append(float(torch.log_softmax(logits, -1).gather(1, torch.tensor(cont)[:, None]).sum()))
         assert [float(r[0][0]) for r in sample["resps"]] == pytest.approx(ours, abs=1e-4)
+
+
+def test_init_from_reads_another_runs_checkpoint(trained_run):
+    """train.init_from also takes a run (its latest checkpoint, ZeRO shards merged): the weights load_model reads."""
+    source = load_model(trained_run)
+    state = initial_weights(trained_run, source.config)
+    assert all(torch.equal(state[name], tensor) for name, tensor in source.model.state_dict().items())
+    with pytest.raises(ConfigError, match=r"model.index_topk: 16 there, 8 here\. Set those model keys to match"):
+        initial_weights(trained_run, ModelConfig(**{**source.config.to_dict(), "index_topk": 8}))
