@@ -2,12 +2,19 @@
 
     python -m dsv4.export outputs/exp1/checkpoints                 # the tag in `latest`
     python -m dsv4.export outputs/exp1/checkpoints/step0000300 -o exported/exp1
+    python -m dsv4.export outputs/exp1 --format hf -o exported/exp1-hf   # transformers' DeepseekV4ForCausalLM
 
 writes `<out>/model.safetensors` (every parameter, fp32, full size; ZeRO 1-3 shards merged with DeepSpeed's
 zero_to_fp32) and `<out>/config.json` (the ModelConfig, DeepSeek V4 config.json names). Load it with
 
     from dsv4.export import load_exported
     model = load_exported("exported/exp1")          # dsv4.build_model(config) + the weights, in eval mode
+
+`--format hf` (dsv4/hf.py holds the mapping) writes a directory transformers loads offline as its own
+DeepseekV4ForCausalLM (`AutoModelForCausalLM.from_pretrained(DIR)`, `AutoTokenizer.from_pretrained(DIR)`):
+config.json, model.safetensors under HF's names, tokenizer.json + tokenizer_config.json + special_tokens_map.json,
+generation_config.json (default directory `<run>/export/<tag>-hf`). A schedule HF cannot express is refused
+before any work. The default stays `--format dsv4`, so every existing command, script and loader keeps working.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from dsv4.config import ConfigError
+from dsv4.config import ConfigError, ModelConfig
+from dsv4.hf import check_hf_expressible, write_hf_directory
 from dsv4.loading import ModelSource, load_tokenizer_of, trained_phase
 from dsv4.model import DSV4Model, build_model
 from dsv4.run_files import (
     CONFIG,
     EXPORT,
+    HF_EXPORT_SUFFIX,
     TOKENIZER,
     TOKENIZER_CONFIG,
     TRAINING_INFO,
@@ -56,23 +65,35 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
                           ) from None
 
 
-def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write model.safetensors + config.json for `checkpoint`; returns the output directory."""
+FORMATS = ("dsv4", "hf")
+
+
+def export(checkpoint: str | Path, out_dir: str | Path | None = None, format: str = "dsv4") -> Path:
+    """Write model.safetensors + config.json (+ tokenizer files) for `checkpoint` in `format` ("dsv4": ours, read by
+    load_exported; "hf": transformers' DeepseekV4ForCausalLM); returns the output directory."""
+    if format not in FORMATS:
+        raise ConfigError(f"--format={format}: choose from {', '.join(FORMATS)}")
     if out_dir:
         check_out_dir(Path(out_dir), "--out")
     found = resolve_run_path(Path(checkpoint), by="contents")  # a run, its checkpoints/ or one checkpoint; no export
     ckpt_dir, tag, run_dir = found.ckpt_dir, found.tag, found.run_dir
     check_latest_tag(ckpt_dir, tag)
-    out = Path(out_dir) if out_dir else run_dir / EXPORT / tag
+    suffix = HF_EXPORT_SUFFIX if format == "hf" else ""
+    out = Path(out_dir) if out_dir else run_dir / EXPORT / f"{tag}{suffix}"
     if not out_dir:
-        check_out_dir(out, "--out (default <run>/export/<tag>)")
+        check_out_dir(out, f"--out (default <run>/export/<tag>{suffix})")
     cfg = checkpoint_model_config(ckpt_dir, tag)
+    if format == "hf":
+        check_hf_expressible(cfg)  # before merging any shard
     state = consolidated_state_dict(ckpt_dir, tag)
     expected = {name for name, _ in DSV4Model(cfg).named_parameters()}
     missing = sorted(expected - set(state))
     if missing:
         raise ConfigError(f"{ckpt_dir / tag}: the checkpoint lacks {len(missing)} parameters, e.g. {missing[0]}")
     out.mkdir(parents=True, exist_ok=True)
+    if format == "hf":
+        _save_hf(cfg, state, ckpt_dir, tag, run_dir, out)
+        return out
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt", "source": str(ckpt_dir / tag)})
     (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2))
     _save_tokenizer(run_dir, out)
@@ -80,10 +101,21 @@ def export(checkpoint: str | Path, out_dir: str | Path | None = None) -> Path:
     return out
 
 
+def _save_hf(cfg: ModelConfig, state: dict, ckpt_dir: Path, tag: str, run_dir: Path, out: Path) -> None:
+    """transformers' DeepseekV4ForCausalLM directory (dsv4.hf) with the run's tokenizer and EOS, and training.json."""
+    tokenizer, eos_id = load_tokenizer_of(ModelSource("checkpoint", out, run_dir), read_run_config(run_dir))
+    write_hf_directory(out, cfg, state, tokenizer, eos_id, _trained_phase(ckpt_dir, tag), source=str(ckpt_dir / tag))
+    _save_training_info(ckpt_dir, tag, out)
+
+
+def _trained_phase(ckpt_dir: Path, tag: str) -> str:
+    source = ModelSource("checkpoint", ckpt_dir / tag, ckpt_dir.parent)
+    return trained_phase(source, read_run_config(ckpt_dir.parent))
+
+
 def _save_training_info(ckpt_dir: Path, tag: str, out: Path) -> None:
     """The step and CSA attention phase the weights were trained to, so the export runs in that phase."""
-    source = ModelSource("checkpoint", ckpt_dir / tag, ckpt_dir.parent)
-    info = {"checkpoint": tag, "attention_phase": trained_phase(source, read_run_config(ckpt_dir.parent))}
+    info = {"checkpoint": tag, "attention_phase": _trained_phase(ckpt_dir, tag)}
     (out / TRAINING_INFO).write_text(json.dumps(info, indent=2))
 
 
@@ -106,10 +138,14 @@ def load_exported(path: str | Path, backend: str = "auto", phase: str = "sparse"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv4.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a run dir, its checkpoints/ dir (uses `latest`) or one checkpoint tag dir")
-    parser.add_argument("-o", "--out", default=None, help="output dir (default: <run>/export/<tag>)")
+    parser.add_argument("-o", "--out", default=None, help="output dir (default: <run>/export/<tag>, with --format hf "
+                        "<run>/export/<tag>-hf)")
+    parser.add_argument("--format", default="dsv4", choices=FORMATS,
+                        help="dsv4 (default): ours, for dsv4.export.load_exported and every dsv4 command; hf: "
+                        "transformers' DeepseekV4ForCausalLM (AutoModelForCausalLM.from_pretrained)")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out)
+        out = export(args.checkpoint, args.out, args.format)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,7 +6,8 @@
 
 What each path means:
 - an export directory (config.json + model.safetensors, written by `python -m dsv4.export`): the weights and
-  config stored there, and the tokenizer.json saved beside them (older exports: the bundled tokenizer);
+  config stored there, and the tokenizer.json saved beside them (older exports: the bundled tokenizer); an export
+  in transformers' DeepseekV4 format (`--format hf`, or any HF deepseek_v4 directory of that plain form) too;
 - a run directory or its checkpoints/ directory: the checkpoint named in `latest`;
 - a checkpoint tag directory (stepNNNNNNN/): that checkpoint.
 For checkpoints the model config comes from the checkpoint's model_config.json and the tokenizer from the
@@ -32,6 +33,7 @@ from safetensors.torch import load_file
 from data_pipelines import DataError
 from data_pipelines.tokenizer import TokenizerSpec, eos_id_of, load_tokenizer
 from dsv4.config import ConfigError, ModelConfig
+from dsv4.hf import OURS_KEY, from_hf_config, from_hf_state_dict, is_hf_config
 from dsv4.model import DSV4Model
 from dsv4.run_config import phase_for_step, resolve_config
 from dsv4.run_files import (
@@ -110,8 +112,12 @@ def load_tokenizer_of(source: ModelSource, run_config: DictConfig | None) -> tup
 
 def _state_dict(source: ModelSource) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     if source.kind == "export":
+        config = json.loads((source.path / CONFIG).read_text())
+        if is_hf_config(config):  # transformers' DeepseekV4 names (dsv4.export --format hf)
+            cfg = from_hf_config(config, str(source.path / CONFIG))
+            return cfg, from_hf_state_dict(cfg, load_file(str(source.path / WEIGHTS)), str(source.path / WEIGHTS))
         try:
-            cfg = ModelConfig.from_dict(json.loads((source.path / CONFIG).read_text()), prefix=CONFIG)
+            cfg = ModelConfig.from_dict(config, prefix=CONFIG)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{source.path / CONFIG}: not a valid model config ({e})") from None
         return cfg, load_file(str(source.path / WEIGHTS))
@@ -126,7 +132,9 @@ def trained_phase(source: ModelSource, run_config: DictConfig | None) -> str:
     phase attends to every visible compressed entry, as it was trained to (its indexer may still be untrained).
     Exports record it in training.json; a checkpoint's run config and step tell it; otherwise "sparse"."""
     if source.kind == "export":
-        return read_training_info(source.path).get("attention_phase", "sparse")
+        config = json.loads((source.path / CONFIG).read_text())
+        recorded = (config.get(OURS_KEY) or {}).get("attention_phase", "sparse") if is_hf_config(config) else "sparse"
+        return read_training_info(source.path).get("attention_phase", recorded)
     step = step_of(source.path.name)
     if run_config is None or step is None:
         return "sparse"
@@ -168,3 +176,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise ConfigError(f"{source.label}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "
                           f"model's vocab_size ({cfg.vocab_size}); this model was not trained with it")
     return LoadedModel(model, cfg, tokenizer, eos_id, source, run_config, phase)
+
+
+# model config keys that do not change what a given set of weights computes
+_NOT_COMPARED = ("initializer_range",)
+_DENSE_ONLY = ("num_key_value_heads", "dense_head_dim")
+
+
+def model_config_differences(source: ModelConfig, target: ModelConfig) -> list[str]:
+    """'key: value there, value here' for every model key that differs (dense-only keys only with a dense layer)."""
+    theirs, ours = source.to_dict(), target.to_dict()
+    dense = any(not spec.v4 for spec in source.layer_specs() + target.layer_specs())
+    return [f"model.{key}: {theirs[key]!r} there, {ours[key]!r} here" for key in ours
+            if key not in _NOT_COMPARED and (dense or key not in _DENSE_ONLY) and theirs.get(key) != ours[key]]
+
+
+def initial_weights(path: str | Path, cfg: ModelConfig, key: str = "train.init_from") -> dict[str, torch.Tensor]:
+    """The weights a new run starts from (train.init_from): a run, checkpoint or export directory (ours or HF's
+    DeepseekV4 format); ConfigError naming every model key that differs from `cfg`, or the first parameter that
+    does not fit."""
+    source = find_source(path, key)
+    source_cfg, state = _state_dict(source)
+    differences = model_config_differences(source_cfg, cfg)
+    if differences:
+        raise ConfigError(f"{key}={path}: its model config differs from this run's: {'; '.join(differences)}. "
+                          "Set those model keys to match")
+    with torch.device("meta"):  # shapes only: no memory for a second model
+        model = DSV4Model(cfg)
+    check_state_dict(model, state, source.label)
+    return state

@@ -71,6 +71,9 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     keep_checkpoints: int = 3  # keep the newest K published checkpoints (0: keep all)
     resume: Any = False  # false | true (the tag in `latest`) | auto (newest complete checkpoint) | a directory
+    # a run, checkpoint or export directory (ours or HF's DeepseekV4): a new run (step 0, fresh optimizer, LR schedule
+    # and data) starts from its weights; ignored when train.resume finds a checkpoint to continue
+    init_from: str | None = None
     max_bad_steps: int = 5  # non-finite losses in a row (each skips its update) that stop the run with a checkpoint
     # after warm-up, a training LM loss above this for max_bad_steps steps in a row stops the run as diverged:
     # auto (2 x ln(model.vocab_size), twice a uniform guess) | a number | null (never)
@@ -203,6 +206,8 @@ def _check(run: RunConfig) -> None:
     need(t.save_interval >= 0, "train.save_interval", t.save_interval, "must be >= 0")
     need(t.eval_interval >= 0, "train.eval_interval", t.eval_interval, "must be >= 0")
     need(isinstance(t.resume, (bool, str)), "train.resume", t.resume, "use false, true or a directory")
+    need(t.init_from is None or (isinstance(t.init_from, str) and t.init_from != ""), "train.init_from", t.init_from,
+         "use null or a run, checkpoint or export directory")
     need(t.keep_checkpoints >= 0, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 0 (0 keeps all)")
     need(t.max_bad_steps >= 1, "train.max_bad_steps", t.max_bad_steps, "must be >= 1")
     need(t.diverge_loss is None or t.diverge_loss == "auto"

@@ -57,6 +57,11 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"  # {"eos_token": ...} beside an export's tokenizer.json
 TRAINING_INFO = "training.json"  # {"checkpoint": ..., "attention_phase": ...} beside an export's weights
+# an export in Hugging Face transformers' format (python -m dsv4.export --format hf): config.json and
+# model.safetensors under HF's names, the tokenizer files above, and these
+GENERATION_CONFIG = "generation_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+HF_EXPORT_SUFFIX = "-hf"  # <run>/export/<tag>-hf/: the HF export's default directory
 
 
 def tag_for(step: int) -> str:

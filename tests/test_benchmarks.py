@@ -73,3 +73,14 @@ def test_train_speed_benchmark_runs_train_py(repo_root):
     assert [r[1] for r in table] == ["V4", "dense"]
     assert all(float(r[2].replace(",", "")) > 0 for r in table)  # tok/s
     assert table[0][-1].endswith("x")
+
+
+def test_hf_parity_benchmark_runs(repo_root):
+    """benchmarks/hf_parity.py prints its four sections; with the ties broken as ours HF agrees to fp32 rounding."""
+    pytest.importorskip("transformers")
+    out = run(repo_root, "benchmarks/hf_parity.py", "--length", "40", "--positions", "8192", "--prompt", "8",
+              "--decode", "2", "--repeats", "1")
+    tied = next(line for line in out.splitlines() if "ties as ours" in line)
+    assert float(tied.split()[-1]) <= 1e-5
+    assert "bf16 vs HF bf16" in out and "HF / ours" in out
+    assert rows(out, {"8192"})[0][2] != "0.00e+00"  # fp32 angles differ from fp64 ones at 8K

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_pipelines import StreamingData, load_data_state, prepare_data, save_data_state
 from dsv4.config import ConfigError
+from dsv4.loading import initial_weights
 from dsv4.model import DSV4Model
 from dsv4.run_config import RunConfig, phase_for_step, resolve_config, run_config_dict
 from dsv4.run_files import CHECKPOINTS, RUN_CONFIG
@@ -169,6 +170,9 @@ class Trainer:
         self.resume: ResumePoint | None = (find_resume_point(run, self.run_dir, self.world, self.say)
                                            if run.train.resume else None)
         self.start_step = self.resume.step if self.resume is not None else 0
+        # train.init_from: read and checked before any data or engine; a resumed run has its own weights
+        self.init_state = (initial_weights(run.train.init_from, run.model)
+                           if run.train.init_from and self.resume is None else None)
         self.nothing_to_do = self.resume is not None and self.resume.step >= run.train.steps
         if self.nothing_to_do:
             return
@@ -234,6 +238,10 @@ class Trainer:
         torch.manual_seed(run.train.seed)
         model = DSV4Model(run.model, backend=run.attention.backend, chunk_size=run.attention.query_chunk_size,
                           phase=phase_for_step(run.train, 0), deterministic=run.attention.deterministic)
+        if self.init_state is not None:  # before DeepSpeed shards anything: every rank holds the whole model here
+            model.load_state_dict(self.init_state, strict=True)
+            self.init_state = None
+            self.say(f"initialised from train.init_from={run.train.init_from} (step 0, fresh optimizer, LR and data)")
         model.set_sequence_parallel(self.layout.sp)
         self.n_params = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(model, run, self.ds_settings)
