@@ -173,7 +173,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for name in tasks:
         first = rows[0]["tasks"][name]
         buckets = list(first["buckets"])
-        head = ["variant", "params", "LR", "all", *buckets, f"beyond reach (> {first['reach']})",
+        reach = next((r["tasks"][name]["reach"] for r in rows if r["tasks"][name]["reach"]), 0)  # dense has none
+        head = ["variant", "params", "LR", "all", *buckets, f"beyond reach (> {reach})",
                 "indexer hits (random)"]
         lines += [f"**{name}** (accuracy %, chance {100 * first['chance']:.1f}%)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
