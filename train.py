@@ -46,9 +46,18 @@ def route(argv: list[str]) -> tuple[str, list[str] | str]:
     return "train", argv
 
 
+def handle_startup_signals(kind: str) -> None:
+    """Ctrl-C, and for one run also SIGTERM (a launcher's or scheduler's stop), exit at once until the trainer
+    installs its own handlers: DeepSpeed may be compiling under a lock in between."""
+    signal.signal(signal.SIGINT, _exit_during_startup)
+    if kind == "train":
+        signal.signal(signal.SIGTERM, _exit_during_startup)
+
+
 def main() -> None:
     signal.signal(signal.SIGINT, _exit_during_startup)
     kind, args = route(sys.argv[1:])
+    handle_startup_signals(kind)
     if kind == "sweep":
         # Hydra's multirun would run every job in this process; each job is a distributed run of its own instead
         from dsv4.training.sweep import main as sweep_main

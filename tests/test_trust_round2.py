@@ -111,9 +111,11 @@ def test_a_first_build_is_announced(tmp_path, monkeypatch):
     assert len(said) == 1
 
 
-def test_ctrl_c_during_a_build_removes_the_lock_it_holds(tmp_path):
-    """train.py's start-up handler (Ctrl-C while DeepSpeed compiles at process-group start-up, as the start-up
-    interrupt tests do): the compiler is stopped and the lock removed, so no later run (CI) waits on it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_during_a_build_removes_the_lock_it_holds(tmp_path, sig):
+    """train.py's start-up handlers (Ctrl-C or a launcher's SIGTERM while DeepSpeed compiles at process-group
+    start-up, as the start-up interrupt tests do): the compiler is stopped and the lock removed, so no later run
+    (CI) waits on it."""
     ext = tmp_path / "ext"
     build = ext / bl.SHM_OP
     build.mkdir(parents=True)
@@ -125,7 +127,7 @@ from dsv4.training import build_lock
 build_lock.prepare_jit_builds(print, announce=False, shm_jit=False)  # as init_distributed does
 fd = os.open({str(build / 'lock')!r}, os.O_CREAT | os.O_EXCL)  # torch's FileBaton, held while building
 ninja = subprocess.Popen(["sleep", "120"], cwd={str(build)!r})
-signal.signal(signal.SIGINT, train._exit_during_startup)
+train.handle_startup_signals("train")
 print(ninja.pid, flush=True)
 time.sleep(120)
 """
@@ -133,9 +135,9 @@ time.sleep(120)
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ninja = int(proc.stdout.readline())
     assert (build / "lock").exists()
-    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, sig)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 128 + signal.SIGINT and "SIGINT during start-up: exiting" in err, err
+    assert proc.returncode == 128 + sig and f"{sig.name} during start-up: exiting" in err, err
     assert not (build / "lock").exists()
     deadline = time.time() + 10
     while psutil.pid_exists(ninja) and psutil.Process(ninja).status() != psutil.STATUS_ZOMBIE:

@@ -85,10 +85,22 @@ def test_harness_checks_tasks_and_model_args_before_lm_eval(monkeypatch, capsys,
     assert code == 2 and not called and "path=/no/such/run" in out.err
 
 
+def test_harness_refuses_a_task_no_task_file_names_before_lm_eval_indexes_its_tasks(monkeypatch, capsys, tmp_path):
+    argv = ["--model", "dsv4", "--model_args", f"path={tmp_path}", "--tasks", "hellaswag,nope_no_such_task"]
+    code, out, called = _harness(monkeypatch, capsys, argv)
+    assert code == 2 and not called and "Tasks not found: nope_no_such_task" in out.err
+    assert "hellaswag" not in out.err and len(out.err.strip().splitlines()) == 1
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mine.yaml").write_text("task: nope_no_such_task\n")
+    code, out, called = _harness(monkeypatch, capsys, [*argv, "--include_path", str(tmp_path / "tasks")],
+                                 SystemExit(0))
+    assert code == 0 and called  # a task of the user's own: lm-eval's to run
+
+
 def test_harness_maps_an_unknown_task_and_the_offline_hub_to_one_line(monkeypatch, capsys, tmp_path):
-    argv = ["--model", "dsv4", "--model_args", f"path={tmp_path}", "--tasks", "nope"]
-    code, out, called = _harness(monkeypatch, capsys, argv, ValueError("Tasks not found: nope"))
-    assert code == 2 and called and "Tasks not found: nope" in out.err and len(out.err.strip().splitlines()) == 1
+    argv = ["--model", "dsv4", "--model_args", f"path={tmp_path}", "--tasks", "hellaswag"]
+    code, out, called = _harness(monkeypatch, capsys, argv, ValueError("Tasks not found: hellaswag"))
+    assert code == 2 and called and "Tasks not found: hellaswag" in out.err and len(out.err.strip().splitlines()) == 1
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, called = _harness(monkeypatch, capsys, argv, ConnectionError("Couldn't reach 'x' on the Hub"))
     assert code == 2 and "HF_HUB_OFFLINE=0" in out.err and "--include_path" in out.err

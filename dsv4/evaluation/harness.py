@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lm_eval
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
@@ -160,6 +161,8 @@ class DSV4LM(LM):
 
 
 HUB_OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+TASK_NAME = re.compile(r"[A-Za-z0-9_.\-]+")
+TASK_FILES = (".yaml", ".yml", ".py")  # where lm-eval's tasks, groups and tags are named
 
 
 def precheck(argv: list[str]) -> None:
@@ -172,10 +175,15 @@ def precheck(argv: list[str]) -> None:
     p.add_argument("--model", "-M")
     p.add_argument("--model_args", "-a", nargs="+")
     p.add_argument("--config", "-C")
+    p.add_argument("--include_path")
     known, _ = p.parse_known_args(argv[1:] if argv[0] == "run" else argv)
     if not known.tasks and not known.config:
         raise ConfigError("--tasks: give the tasks to evaluate, e.g. --tasks hellaswag (`lm-eval ls tasks` lists "
                           "them; a task of your own: --tasks NAME --include_path DIR)")
+    missing = unknown_tasks(",".join(known.tasks or []).split(","), known.include_path)
+    if missing:
+        raise ConfigError(f"--tasks: Tasks not found: {', '.join(missing)} (`lm-eval ls tasks` lists them; a task "
+                          "of your own: --include_path DIR)")
     if known.model != "dsv4" or known.model_args is None:
         return
     given: dict[str, str] = {}
@@ -192,6 +200,24 @@ def precheck(argv: list[str]) -> None:
         raise ConfigError("--model_args: give path=RUN_DIR (a run, checkpoint or export directory)")
     if not Path(path).exists():
         raise ConfigError(f"--model_args path={path}: no such directory")
+
+
+def unknown_tasks(names: list[str], include_path: str | None) -> list[str]:
+    """The task names that no task file lm-eval would read mentions (its own tasks folder, --include_path): surely
+    unknown, found in a second instead of after lm-eval's 20-40 s index. A pattern, a file or a name of other
+    characters is left to lm-eval, and so is any name some file mentions (lm-eval decides)."""
+    plain = [n.strip() for n in names if TASK_NAME.fullmatch(n.strip()) and not Path(n.strip()).exists()]
+    if not plain:
+        return []
+    roots = [Path(lm_eval.__file__).parent / "tasks", *([Path(include_path)] if include_path else [])]
+    left = set(plain)
+    for root in roots:
+        for path in (p for p in root.rglob("*") if p.suffix in TASK_FILES) if root.is_dir() else [root]:
+            text = path.read_text(errors="ignore")
+            left = {n for n in left if n not in text}
+            if not left:
+                return []
+    return [n for n in plain if n in left]
 
 
 def _offline() -> bool:
