@@ -147,24 +147,37 @@ def print_profile(layer, x, positions, rows: int) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--preset", choices=sorted(PRESETS), default="flash" if cuda else "tiny")
     parser.add_argument("--lengths", type=int, nargs="+",
                         default=[4096, 8192, 16384, 32768, 65536, 131072] if cuda else [512, 1024, 2048])
-    parser.add_argument("--kinds", nargs="+", default=["csa", "hca", "window", "dense"])
+    parser.add_argument("--kinds", nargs="+", choices=sorted(BY_NAME), default=["csa", "hca", "window", "dense"])
     parser.add_argument("--paths", nargs="+", choices=["triton", "triton-atomic", "torch"],
                         default=["triton", "triton-atomic", "torch"] if cuda else ["torch"],
                         help="V4 paths to time: triton (fixed-order dK=V, the default), triton-atomic (fp32 atomic "
                              "dK=V), torch (query-chunked PyTorch); triton needs CUDA or TRITON_INTERPRET=1")
     parser.add_argument("--hca-ratio", type=int, default=128)
-    parser.add_argument("--chunk", type=int, default=256, help="query chunk of the torch path")
+    parser.add_argument("--chunk", type=int, default=256,
+                        help="queries per chunk of the Triton indexer (the torch path sizes its own chunks)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if cuda else "fp32")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N ops with the most self time of one step, per row")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, value in (("--lengths", min(args.lengths)), ("--repeats", args.repeats), ("--chunk", args.chunk)):
+        if value < 1:
+            parser.error(f"{flag}={value}: must be >= 1")
+    if args.profile < 0:
+        parser.error(f"--profile={args.profile}: must be >= 0 (0: no profile)")
+    if "hca" in args.kinds and not BY_NAME["hca"].selects(args.hca_ratio):
+        parser.error(f"--hca-ratio={args.hca_ratio}: must be > 4, an HCA ratio (4 is CSA's, 0 window-only)")
+    triton_paths = [path for path in args.paths if path.startswith("triton")]
+    v4_kinds = [kind for kind in args.kinds if BY_NAME[kind].v4]
+    if triton_paths and v4_kinds and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        parser.error(f"--paths {triton_paths[0]}: the Triton kernels need CUDA; use --paths torch, or set "
+                     "TRITON_INTERPRET=1 (slow)")
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -102,7 +102,7 @@ def measure(inputs: dict, grad_out: torch.Tensor, deterministic: bool, repeats: 
     return fwd_s, step_s, op_gib
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--preset", choices=sorted(PRESETS), default="flash" if cuda else "tiny")
@@ -115,10 +115,22 @@ def main() -> None:
     parser.add_argument("--tune", nargs="*", default=[], help="launch overrides, e.g. fwd:BLOCK_H=64,num_warps=8")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--peak-tbs", type=float, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, values in (("--lengths", args.lengths), ("--repeats", [args.repeats])):
+        if min(values) < 1:
+            parser.error(f"{flag}={min(values)}: must be >= 1")
+    if args.hca_ratio is not None and not BY_NAME["hca"].selects(args.hca_ratio):
+        parser.error(f"--hca-ratio={args.hca_ratio}: must be > 4, an HCA ratio (4 is CSA's, 0 window-only)")
+    for flag, value in (("--peak-tflops", args.peak_tflops), ("--peak-tbs", args.peak_tbs)):
+        if value is not None and not 0 < value < float("inf"):
+            parser.error(f"{flag}={value}: must be a number > 0")
+    try:
+        overrides = kernels.parse_launch_overrides(args.tune)
+    except ValueError as e:
+        parser.error(f"--tune: {e}")
     if not cuda and not kernels.INTERPRET:
         raise SystemExit("no GPU: run with TRITON_INTERPRET=1 (tiny sizes) to exercise the script on CPU")
-    kernels.LAUNCH_OVERRIDES.update(kernels.parse_launch_overrides(args.tune))
+    kernels.LAUNCH_OVERRIDES.update(overrides)
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

@@ -37,6 +37,9 @@ from dsv4.ops.indexer import triton as indexer_kernels
 from dsv4.ops.ranges import causal_ranges
 from dsv4.ops.v4_attention import triton as attention_kernels
 
+# the GPU targets this checks for (sm_70 Volta to sm_120 consumer Blackwell); another number crashes LLVM (sm_0) or
+# fails deep in Triton's passes (sm_130)
+ARCHS = (70, 75, 80, 86, 87, 89, 90, 100, 120)
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # opt-in max per block, bytes
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _POINTER_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
@@ -172,13 +175,20 @@ def build_all(arch: int, size_names: list[str], dtypes: list[torch.dtype]) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80 A100, 90 H100/H200)")
+    parser.add_argument("--arch", type=int, default=90, choices=ARCHS, metavar="ARCH",
+                        help=f"compute capability x10 (80 A100, 90 H100/H200); one of {', '.join(map(str, ARCHS))}")
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["tiny", "flash"])
     parser.add_argument("--dtypes", nargs="+", choices=["bf16", "fp16", "fp32"], default=["bf16", "fp32"])
     parser.add_argument("--tune", nargs="*", default=[],
                         help="attention launch overrides to try, e.g. fwd:BLOCK_H=64,num_warps=8 (groups fwd, dq, dk)")
     args = parser.parse_args(argv)
-    attention_kernels.LAUNCH_OVERRIDES.update(attention_kernels.parse_launch_overrides(args.tune))
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("TRITON_INTERPRET=1: compile_check lowers the kernels for a GPU; run it without TRITON_INTERPRET")
+    try:
+        overrides = attention_kernels.parse_launch_overrides(args.tune)
+    except ValueError as e:
+        parser.error(f"--tune: {e}")
+    attention_kernels.LAUNCH_OVERRIDES.update(overrides)
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[x] for x in args.dtypes]
     built = build_all(args.arch, args.sizes, dtypes)
     limit = SHARED_LIMIT.get(args.arch, 99 * 1024)

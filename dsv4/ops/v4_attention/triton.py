@@ -260,14 +260,32 @@ def _attn_bwd_pick_grad_kernel(
 LAUNCH_OVERRIDES: dict[str, dict] = {}
 
 
+# what --tune may set (BLOCK_D is not one: it follows the head dimension, and a smaller one would skip dimensions)
+LAUNCH_KEYS = ("BLOCK_H", "BLOCK_N", "num_warps", "num_stages", "num_ctas", "maxnreg")
+
+
 def parse_launch_overrides(items: list[str]) -> dict[str, dict]:
-    """["fwd:BLOCK_H=64,num_warps=8", ...] -> {"fwd": {"BLOCK_H": 64, "num_warps": 8}} (for LAUNCH_OVERRIDES)."""
+    """["fwd:BLOCK_H=64,num_warps=8", ...] -> {"fwd": {"BLOCK_H": 64, "num_warps": 8}} (for LAUNCH_OVERRIDES).
+    ValueError naming the item for a malformed one, an unknown key or a value that is not an integer >= 1 (a power
+    of 2 for the BLOCK_ sizes: tl.arange needs one)."""
     out: dict[str, dict] = {}
     for item in items:
         group, _, settings = item.partition(":")
         if group not in ("fwd", "dq", "dk") or not settings:
             raise ValueError(f"launch override {item!r}: expected fwd|dq|dk:KEY=VALUE[,KEY=VALUE]")
-        out[group] = {key: int(value) for key, value in (kv.split("=") for kv in settings.split(","))}
+        out[group] = {}
+        for setting in settings.split(","):
+            key, sep, value = setting.partition("=")
+            if not sep:
+                raise ValueError(f"launch override {item!r}: {setting!r} is not KEY=VALUE")
+            if key not in LAUNCH_KEYS:
+                raise ValueError(f"launch override {item!r}: unknown key {key!r} (choose from "
+                                 f"{', '.join(LAUNCH_KEYS)})")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"launch override {item!r}: {key}={value} is not an integer >= 1")
+            if key.startswith("BLOCK_") and int(value) & (int(value) - 1):
+                raise ValueError(f"launch override {item!r}: {key}={value} is not a power of 2")
+            out[group][key] = int(value)
     return out
 
 

@@ -1,0 +1,109 @@
+"""Issue 19, round 2 sweep: the entry points the first lists left out (compile_check, inspect, build_bundled, the
+benchmarks, evaluate's W&B and task flags). A bad flag is refused in one line naming it, exit code 2, before any
+work; a legal value that is almost certainly a mistake warns. Every case runs main(argv) in-process on a
+nonexistent or tiny input: the checks come before anything is read, built or trained."""
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNWRITABLE = "/proc/dsv4-trust-sweep2/x"  # nobody, root included, can create it
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_sweep2_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(capsys, main, argv) -> str:
+    """main(argv) must end with code 2 (returned or SystemExit) and one error line, argparse's (`prog: error: ...`)
+    or ours (`error: ...`), no traceback and nothing on stdout; -> the text after `error: `."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if re.match(r"^(\S+: )?error: ", line)]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert not out, out  # nothing was computed
+    return lines[0].split("error: ", 1)[1]
+
+
+# ---------------------------------------------------------------- Triton: compile_check and attention_core
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tune", "foo"], "--tune: launch override 'foo': expected"),
+    (["--tune", "fwd:BLOCK_H=abc"], "--tune: launch override 'fwd:BLOCK_H=abc': BLOCK_H=abc is not an integer"),
+    (["--tune", "fwd:BLOCK_H"], "--tune: launch override 'fwd:BLOCK_H': 'BLOCK_H' is not KEY=VALUE"),
+    (["--tune", "fwd:BLOCK_H=64,"], "--tune: launch override 'fwd:BLOCK_H=64,': '' is not KEY=VALUE"),
+    (["--tune", "fwd:FOO=3"], "--tune: launch override 'fwd:FOO=3': unknown key 'FOO'"),
+    (["--tune", "fwd:BLOCK_D=16"], "--tune: launch override 'fwd:BLOCK_D=16': unknown key 'BLOCK_D'"),
+    (["--tune", "dq:BLOCK_H=0"], "--tune: launch override 'dq:BLOCK_H=0': BLOCK_H=0 is not an integer >= 1"),
+    (["--tune", "dk:BLOCK_N=24"], "--tune: launch override 'dk:BLOCK_N=24': BLOCK_N=24 is not a power of 2"),
+    (["--arch", "0"], "argument --arch: invalid choice: 0"),
+    (["--arch", "130"], "argument --arch: invalid choice: 130"),
+])
+def test_compile_check_refuses_bad_flags_before_compiling(capsys, monkeypatch, argv, says):
+    compile_check = pytest.importorskip("dsv4.tools.compile_check")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(compile_check, "build_all", lambda *a: pytest.fail("work started before the check"))
+    monkeypatch.setattr(compile_check.attention_kernels, "LAUNCH_OVERRIDES", {})
+    assert refused(capsys, compile_check.main, argv).startswith(says)
+
+
+def test_compile_check_names_triton_interpret_in_one_line(capsys, monkeypatch):
+    compile_check = pytest.importorskip("dsv4.tools.compile_check")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert refused(capsys, compile_check.main, ["--sizes", "tiny"]).startswith("TRITON_INTERPRET=1: ")
+
+
+def test_launch_overrides_still_parse():
+    from dsv4.ops.v4_attention.triton import parse_launch_overrides
+
+    assert parse_launch_overrides(["fwd:BLOCK_H=64,num_warps=8", "dk:BLOCK_N=16"]) == {
+        "fwd": {"BLOCK_H": 64, "num_warps": 8}, "dk": {"BLOCK_N": 16}}
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--tune", "fwd:BLOCK_H"], "--tune: launch override 'fwd:BLOCK_H': 'BLOCK_H' is not KEY=VALUE"),
+    (["--hca-ratio", "0"], "--hca-ratio=0: must be > 4"),  # was silently the preset's ratio
+    (["--hca-ratio", "2"], "--hca-ratio=2: must be > 4"),
+    (["--repeats", "0"], "--repeats=0: must be >= 1"),
+    (["--lengths", "64", "0"], "--lengths=0: must be >= 1"),
+    (["--peak-tflops", "-1"], "--peak-tflops=-1.0: must be a number > 0"),
+    (["--peak-tbs", "nan"], "--peak-tbs=nan: must be a number > 0"),
+])
+def test_attention_core_benchmark_refuses_bad_flags_before_timing(capsys, monkeypatch, argv, says):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    core = script("attention_core")
+    monkeypatch.setattr(core.kernels, "LAUNCH_OVERRIDES", {})
+    assert refused(capsys, core.main, ["--preset", "tiny", *argv]).startswith(says)
+
+
+# ---------------------------------------------------------------- the attention layer benchmark
+
+@pytest.mark.parametrize("argv, says", [
+    (["--kinds", "foo"], "argument --kinds: invalid choice: 'foo'"),
+    (["--repeats", "0"], "--repeats=0: must be >= 1"),
+    (["--lengths", "0"], "--lengths=0: must be >= 1"),
+    (["--lengths", "-5"], "--lengths=-5: must be >= 1"),
+    (["--chunk", "0"], "--chunk=0: must be >= 1"),
+    (["--profile", "-1"], "--profile=-1: must be >= 0"),
+    (["--kinds", "hca", "--hca-ratio", "0"], "--hca-ratio=0: must be > 4"),  # was a window layer labelled hca
+    (["--kinds", "hca", "--hca-ratio", "4"], "--hca-ratio=4: must be > 4"),  # was a CSA layer labelled hca
+    pytest.param(["--paths", "triton", "--kinds", "csa"], "--paths triton: the Triton kernels need CUDA",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs no CUDA")),
+])
+def test_attention_benchmark_refuses_bad_flags_before_building_layers(capsys, monkeypatch, argv, says):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = script("attention")
+    monkeypatch.setattr(bench, "layer_for", lambda *a: pytest.fail("work started before the check"))
+    assert refused(capsys, bench.main, ["--preset", "tiny", *argv]).startswith(says)
