@@ -91,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=32, help="greedy tokens decoded (section 4)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    for flag in ("length", "prompt", "decode", "repeats"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    if args.prompt > args.length:
+        parser.error(f"--prompt={args.prompt}: longer than --length {args.length} (the prompt is cut from that "
+                     "sequence); give at most --length")
+    if min(args.positions) < 0:
+        parser.error(f"--positions={min(args.positions)}: must be >= 0")
     torch.set_grad_enabled(False)
     cfg = ModelConfig()  # the tiny preset
     ids = torch.randint(0, cfg.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(1))

@@ -126,13 +126,23 @@ def measure(world: int, seq_len: int) -> None:
         print(f"{kind:<7} {sum(counts.values()):>12,} {int(formula):>12,}   {counts}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["flash", "small"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[65536, 1048576])
     parser.add_argument("--sp", type=int, default=8)
     parser.add_argument("--measure", action="store_true", help="count real collectives on 4 CPU ranks (tiny)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for flag, value in (("--sp", args.sp), ("--lengths", min(args.lengths))):
+        if value < 1:
+            parser.error(f"{flag}={value}: must be >= 1")
+    for length in args.lengths:
+        if length % args.sp:
+            parser.error(f"--lengths {length}: not a multiple of --sp {args.sp} (every rank holds an equal shard)")
+    presets = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
+    for preset in args.presets:
+        if preset not in presets:
+            parser.error(f"--presets {preset}: no conf/model/{preset}.yaml (choose from {', '.join(presets)})")
     table(args.presets, args.lengths, args.sp)
     if args.measure:
         measure(4, 1024)

@@ -64,7 +64,8 @@ def summarize(steps: list[dict], skip: int) -> dict:
             "wait_ms": median("data_wait_s") * 1e3, "peak_gib": steps[-1]["peak_mem_gb"], "steps": len(measured)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per step, equal for every run")
@@ -76,8 +77,13 @@ def main() -> None:
                         help="data.shuffle_buffer of both runs: the default pool (256 packed sequences) fills for "
                              "longer than a short run lasts, and its fill time would land in the step times")
     # Hydra overrides (key=value) go to both runs; pulled out first so that --lengths 512 a.b=c parses
-    extra = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    args = parser.parse_args([a for a in sys.argv[1:] if a not in extra])
+    extra = [a for a in argv if "=" in a and not a.startswith("-")]
+    args = parser.parse_args([a for a in argv if a not in extra])
+    for flag, value in (("--lengths", min(args.lengths)), ("--tokens", args.tokens), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{flag}={value}: must be >= 1")
+    if not 0 <= args.skip < args.steps:
+        parser.error(f"--skip={args.skip}: must be in [0, --steps {args.steps}) (the medians need a step after it)")
     for seq_len in args.lengths:
         if args.tokens % seq_len:
             parser.error(f"--tokens {args.tokens} is not a multiple of seq_len {seq_len}")

@@ -107,3 +107,45 @@ def test_attention_benchmark_refuses_bad_flags_before_building_layers(capsys, mo
     bench = script("attention")
     monkeypatch.setattr(bench, "layer_for", lambda *a: pytest.fail("work started before the check"))
     assert refused(capsys, bench.main, ["--preset", "tiny", *argv]).startswith(says)
+
+
+# ---------------------------------------------------------------- train_speed, sp_comm, hf_parity
+
+@pytest.mark.parametrize("argv, says", [
+    (["--lengths", "0"], "--lengths=0: must be >= 1"),  # was a ZeroDivisionError
+    (["--lengths", "-512"], "--lengths=-512: must be >= 1"),  # was train.py's failure, naming train.seq_len
+    (["--tokens", "0"], "--tokens=0: must be >= 1"),
+    (["--steps", "0"], "--steps=0: must be >= 1"),
+    (["--steps", "2", "--skip", "3"], "--skip=3: must be in [0, --steps 2)"),  # was the last step alone, silently
+    (["--skip", "-1"], "--skip=-1: must be in [0, --steps 8)"),
+])
+def test_train_speed_benchmark_refuses_bad_flags_before_training(capsys, monkeypatch, argv, says):
+    bench = script("train_speed")
+    monkeypatch.setattr(bench, "run_train", lambda *a: pytest.fail("work started before the check"))
+    assert refused(capsys, bench.main, argv).startswith(says)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--sp", "0"], "--sp=0: must be >= 1"),  # was a ZeroDivisionError
+    (["--sp", "-2"], "--sp=-2: must be >= 1"),  # was a table of negative bytes
+    (["--lengths", "0"], "--lengths=0: must be >= 1"),
+    (["--sp", "3", "--lengths", "1000"], "--lengths 1000: not a multiple of --sp 3"),
+    (["--presets", "foo"], "--presets foo: no conf/model/foo.yaml (choose from "),  # was a FileNotFoundError
+])
+def test_sp_comm_benchmark_refuses_bad_flags_before_the_table(capsys, monkeypatch, argv, says):
+    bench = script("sp_comm")
+    monkeypatch.setattr(bench, "table", lambda *a: pytest.fail("work started before the check"))
+    assert refused(capsys, bench.main, argv).startswith(says)
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--repeats", "0"], "--repeats=0: must be >= 1"),  # was a StatisticsError after sections 1-3
+    (["--length", "0"], "--length=0: must be >= 1"),
+    (["--decode", "0"], "--decode=0: must be >= 1"),
+    (["--length", "64", "--prompt", "100"], "--prompt=100: longer than --length 64"),  # was a 64-token prompt
+    (["--positions", "8192", "-5"], "--positions=-5: must be >= 0"),
+])
+def test_hf_parity_benchmark_refuses_bad_flags_before_building_models(capsys, monkeypatch, argv, says):
+    bench = script("hf_parity")
+    monkeypatch.setattr(bench, "random_model", lambda *a: pytest.fail("work started before the check"))
+    assert refused(capsys, bench.main, argv).startswith(says)
