@@ -469,13 +469,16 @@ def parse_study_args(p: argparse.ArgumentParser, argv: list[str] | None, counts:
         args.lrs = [float(v) for v in args.lrs.split(",") if v.strip()]
     except ValueError:
         p.error(f"--lrs={args.lrs}: give comma-separated numbers")
-    if not args.lrs or min(args.lrs) <= 0:
-        p.error("--lrs: give positive learning rates")
+    if not args.lrs or not all(0 < lr < math.inf for lr in args.lrs):
+        p.error(f"--lrs={','.join(f'{lr:g}' for lr in args.lrs)}: give positive, finite learning rates")
+    repeated = [lr for i, lr in enumerate(args.lrs) if lr in args.lrs[:i]]
+    if repeated:
+        p.error(f"--lrs: {repeated[0]:g} is given twice (each LR is a separate trial run)")
     for name in ("seeds", *counts):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.scale <= 0:
-        p.error("--scale must be > 0")
+    if not 0 < args.scale < math.inf:
+        p.error(f"--scale={args.scale}: must be a finite number > 0")
     if not 0 < args.trial_fraction <= 1:
         p.error("--trial-fraction must be in (0, 1]")
     return args, overrides

@@ -150,10 +150,22 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def finished_runs(out: Path) -> list[Path]:
-    runs = sorted(p.parent for p in (out / "runs").glob("*/summary.json") if not p.parent.name.endswith("-trial"))
-    if not runs:
-        raise SystemExit(f"{out}: no finished full run of the quality experiment (runs/*/summary.json)")
-    return runs
+    """The full (not trial) runs of the quality experiment in `out` that finished; [] if none."""
+    return sorted(p.parent for p in (out / "runs").glob("*/summary.json") if not p.parent.name.endswith("-trial"))
+
+
+def check_writable(path: Path) -> str | None:
+    """None if `path` can be written (an existing file is left as it is, a new one removed again), else why not:
+    the results file is named before the ablations, not after them."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return f"cannot write this file ({e.strerror}); give a writable path"
+    if not existed:
+        path.unlink(missing_ok=True)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     drop = tuple(k.strip() for k in args.drop.split(",") if k.strip())
     if not drop or set(drop) - set(COMPRESSED_KINDS):
         p.error(f"--drop={args.drop}: choose from {', '.join(COMPRESSED_KINDS)}")
-    results = [ablate(run, args.batches, drop, args.swap) for run in finished_runs(Path(args.out))]
+    for flag in ("batches", "swap"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag}={getattr(args, flag)}: must be >= 1")
+    if args.json_out:
+        problem = check_writable(Path(args.json_out))
+        if problem:
+            p.error(f"--out={args.json_out}: {problem}")
+    runs = finished_runs(Path(args.out))
+    if not runs:
+        p.error(f"{args.out}: no finished full run of the quality experiment (runs/*/summary.json); give the "
+                "quality experiment's output directory")
+    results = [ablate(run, args.batches, drop, args.swap) for run in runs]
     print(table(results))
     far = results[0]["far_swap"]
     print(f"far swap: the first {far['swap']} tokens of each sequence from another sequence; loss read on positions "

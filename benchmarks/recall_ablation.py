@@ -233,12 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--toy", action="store_true", help="3 steps each (a smoke test, not a result)")
     args = p.parse_args(argv)
     names = {a.name for a in ABLATIONS}
-    chosen = [n.strip() for n in args.only.split(",")] if args.only else [a.name for a in ABLATIONS]
+    if args.only is not None and not args.only.strip(","):
+        p.error("--only: empty; give comma-separated ablation names, or leave --only out for all of them")
+    chosen = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else [a.name for a in ABLATIONS]
     unknown = [n for n in chosen if n not in names]
     if unknown:
         p.error(f"--only: unknown ablation {unknown[0]} (choose from {', '.join(sorted(names))})")
-    if args.jobs < 1 or args.eval_every < 1 or args.seeds < 1:
-        p.error("--jobs, --eval-every and --seeds must be >= 1")
+    for flag in ("jobs", "eval_every", "seeds"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be >= 1")
+    from dsv4.config import ConfigError
+    from dsv4.export import check_out_dir
+
+    try:
+        check_out_dir(Path(args.out), "out")
+    except ConfigError as e:
+        p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = [replace(a, steps=3) if args.toy else a for a in ABLATIONS if a.name in chosen]

@@ -149,3 +149,56 @@ def test_hf_parity_benchmark_refuses_bad_flags_before_building_models(capsys, mo
     bench = script("hf_parity")
     monkeypatch.setattr(bench, "random_model", lambda *a: pytest.fail("work started before the check"))
     assert refused(capsys, bench.main, argv).startswith(says)
+
+
+# ---------------------------------------------------------------- the studies and their ablations
+
+@pytest.mark.parametrize("name", ["quality", "recall"])
+@pytest.mark.parametrize("argv, says", [
+    (["--scale", "nan"], "--scale=nan: must be a finite number > 0"),  # was "cannot convert float NaN to integer"
+    (["--scale", "inf"], "--scale=inf: must be a finite number > 0"),
+    (["--lrs", "nan"], "--lrs=nan: give positive, finite learning rates"),  # was a trial run that failed
+    (["--lrs", "1e-3,inf"], "--lrs=0.001,inf: give positive, finite learning rates"),  # was a study started
+    (["--lrs", "3e-3,3e-3"], "--lrs: 0.003 is given twice"),  # was the same trial run twice
+])
+def test_study_drivers_refuse_non_finite_and_repeated_values(tmp_path, capsys, monkeypatch, name, argv, says):
+    study = script(name)
+    monkeypatch.setattr(study, "compose", lambda *a: pytest.fail("work started before the check"))
+    assert refused(capsys, study.main, [tmp_path / "out", *argv]).startswith(says)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batches", "0"], "--batches=0: must be >= 1"),
+    (["--swap", "-1"], "--swap=-1: must be >= 1"),  # was read after loading a model, and said "give less"
+    (["--out", "/proc/dsv4-trust-sweep2.json"], "--out=/proc/dsv4-trust-sweep2.json: cannot write this file"),
+    ([], "EXP: no finished full run of the quality experiment"),  # was a bare SystemExit, exit code 1
+])
+def test_quality_ablation_refuses_bad_flags_before_loading(tmp_path, capsys, monkeypatch, argv, says):
+    bench = script("quality_ablation")
+    monkeypatch.setattr(bench, "ablate", lambda *a: pytest.fail("work started before the check"))
+    line = refused(capsys, bench.main, [tmp_path, *argv])
+    assert line.startswith(says.replace("EXP", str(tmp_path))), line
+
+
+def test_quality_ablation_out_probe_leaves_files_as_they_were(tmp_path, monkeypatch):
+    bench = script("quality_ablation")
+    (tmp_path / "kept.json").write_text("earlier")
+    assert bench.check_writable(tmp_path / "kept.json") is None and (tmp_path / "kept.json").read_text() == "earlier"
+    assert bench.check_writable(tmp_path / "new.json") is None and not (tmp_path / "new.json").exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    ([UNWRITABLE], f"out={UNWRITABLE}: cannot write in /proc"),  # was a FileNotFoundError
+    (["OUT", "--only", ""], "--only: empty"),  # was every ablation, silently
+    (["OUT", "--only", ","], "--only: empty"),
+    (["OUT", "--jobs", "0"], "--jobs=0: must be >= 1"),  # the message named three flags, not which
+    (["OUT", "--eval-every", "-1"], "--eval-every=-1: must be >= 1"),
+    (["OUT", "--seeds", "0"], "--seeds=0: must be >= 1"),
+])
+def test_recall_ablation_refuses_bad_flags_before_any_run(tmp_path, capsys, monkeypatch, argv, says):
+    bench = script("recall_ablation")
+    monkeypatch.setattr(bench, "_worker", lambda *a: pytest.fail("work started before the check"))
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert refused(capsys, bench.main, argv).startswith(says)
+    assert not (tmp_path / "out").exists()
