@@ -40,6 +40,7 @@ import lzma
 import re
 import struct
 import tarfile
+import tempfile
 import unicodedata
 import zlib
 from collections.abc import Callable, Iterator
@@ -498,6 +499,20 @@ def main(argv: list[str] | None = None) -> None:
     tok.add_argument("--out", type=Path, default=TOKENIZER_PATH)
     tok.add_argument("--vocab-size", type=int, default=VOCAB_SIZE)
     args = parser.parse_args(argv)
+    inputs = ("brotli_sdist", "sentencepiece_sdist", "janeaustenr_deb", "devil_deb") if args.command == "corpus" \
+        else ("corpus",)
+    for dest in inputs:
+        if not getattr(args, dest).is_file():
+            parser.error(f"--{dest.replace('_', '-')}={getattr(args, dest)}: no such file")
+    if args.command == "tokenizer" and args.vocab_size <= 256:
+        parser.error(f"--vocab-size={args.vocab_size}: must be > 256 (the 256 byte tokens and {EOS_TOKEN})")
+    try:  # a probe file beside --out (as root, os.access says yes to everything)
+        if args.out.is_dir():
+            raise IsADirectoryError(21, "a directory")
+        with tempfile.TemporaryFile(dir=args.out.absolute().parent):
+            pass
+    except OSError as e:
+        parser.error(f"--out={args.out}: cannot write this file ({e.strerror}); give a file in a writable directory")
     {"corpus": build_corpus, "tokenizer": train_tokenizer}[args.command](args)
 
 

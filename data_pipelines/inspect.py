@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.samples < 1:
         parser.error(f"--samples={args.samples}: must be >= 1")
+    if args.batches < 1:
+        parser.error(f"--batches={args.batches}: must be >= 1")
+    if args.chars < 0:
+        parser.error(f"--chars={args.chars}: must be >= 0 (0: counts only, no text)")
     for arg in args.config:
         if "=" in arg and not _read_by_inspect(arg.split("=", 1)[0].lstrip("+~")):
             print(f"error: {arg}: inspect only reads the data settings (data.*, "
@@ -97,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a if "=" in a else f"data={a}" for a in args.config]
     try:
         data_config, train = load_config(overrides)
+        if args.samples > args.batches * train.micro_batch_size:
+            print(f"warning: --samples {args.samples}: --batches {args.batches} x micro-batch "
+                  f"{train.micro_batch_size} reads only {args.batches * train.micro_batch_size} sequences; give "
+                  "more --batches to see them all", file=sys.stderr)
         data_config.num_workers = 0
         plan = prepare_data(data_config)
         data = StreamingData(plan, train.seq_len, train.micro_batch_size, train.seed, 0, 1)
@@ -108,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
               f"cross_document_attention={plan.cross_document_attention}")
         shown = 0
         docs_per_seq: list[int] = []
-        for b in range(max(1, args.batches)):
+        for b in range(args.batches):
             batch = next(batches)
             for row in range(batch["input_ids"].shape[0]):
                 doc_ids = batch["doc_ids"][row]

@@ -31,7 +31,7 @@ def refused(capsys, main, argv) -> str:
         code = e.code
     out, err = capsys.readouterr()
     assert code == 2, err
-    lines = [line for line in err.splitlines() if re.match(r"^(\S+: )?error: ", line)]
+    lines = [line for line in err.splitlines() if re.match(r"^([^:]+: )?error: ", line)]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert not out, out  # nothing was computed
     return lines[0].split("error: ", 1)[1]
@@ -202,3 +202,52 @@ def test_recall_ablation_refuses_bad_flags_before_any_run(tmp_path, capsys, monk
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
     assert refused(capsys, bench.main, argv).startswith(says)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- inspect, build_bundled
+
+@pytest.mark.parametrize("argv, says", [
+    (["--batches", "0"], "--batches=0: must be >= 1"),  # was one batch, silently
+    (["--batches", "-1"], "--batches=-1: must be >= 1"),
+    (["--chars", "-1"], "--chars=-1: must be >= 0"),  # was every character but the last
+])
+def test_inspect_refuses_bad_counts_before_reading(capsys, monkeypatch, argv, says):
+    from data_pipelines import inspect
+
+    monkeypatch.setattr(inspect, "load_config", lambda *a: pytest.fail("work started before the check"))
+    assert refused(capsys, inspect.main, argv).startswith(says)
+
+
+def test_inspect_warns_when_batches_hold_fewer_sequences_than_samples(capsys, monkeypatch):
+    from data_pipelines import inspect
+
+    def stop(overrides):
+        raise inspect.DataError("stop here")
+
+    train = inspect.TrainSettings(micro_batch_size=8)
+    monkeypatch.setattr(inspect, "prepare_data", stop)
+    monkeypatch.setattr(inspect, "load_config", lambda overrides: (inspect.DataConfig(), train))
+    assert inspect.main(["--samples", "20", "--batches", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "warning: --samples 20: --batches 2 x micro-batch 8 reads only 16 sequences" in err, err
+    assert inspect.main(["--samples", "16", "--batches", "2"]) == 2
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["tokenizer", "--corpus", "/nonexistent"], "--corpus=/nonexistent: no such file"),  # was a FileNotFoundError
+    (["tokenizer", "--vocab-size", "0"], "--vocab-size=0: must be > 256"),  # was an AssertionError after training
+    (["tokenizer", "--out", UNWRITABLE], f"--out={UNWRITABLE}: cannot write this file"),  # was after training
+    (["tokenizer", "--out", "DIR"], "--out=DIR: cannot write this file"),
+    (["corpus", "--brotli-sdist", "/nonexistent/a", "--sentencepiece-sdist", "/nonexistent/b", "--janeaustenr-deb",
+      "/nonexistent/c", "--devil-deb", "/nonexistent/d"], "--brotli-sdist=/nonexistent/a: no such file"),
+])
+def test_build_bundled_refuses_missing_inputs_and_bad_outputs_before_any_work(tmp_path, capsys, monkeypatch, argv,
+                                                                                says):
+    pytest.importorskip("tokenizers")
+    from data_pipelines import build_bundled
+
+    monkeypatch.setattr(build_bundled, "read_documents", lambda *a: pytest.fail("work started before the check"))
+    monkeypatch.setattr(build_bundled, "austen_docs", lambda *a: pytest.fail("work started before the check"))
+    argv = [str(tmp_path) if a == "DIR" else a for a in argv]
+    assert refused(capsys, build_bundled.main, argv).startswith(says.replace("DIR", str(tmp_path)))
