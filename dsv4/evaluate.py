@@ -30,6 +30,7 @@ from data_pipelines import DataError
 from dsv4.config import ConfigError
 from dsv4.evaluation.data import run_settings
 from dsv4.evaluation.tasks import DEFAULT_TASKS, TASKS, EvalContext
+from dsv4.export import check_out_dir
 from dsv4.inference.generate import check_device
 from dsv4.loading import load_model
 from dsv4.ops.v4_attention import BACKENDS
@@ -98,6 +99,11 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--out={args.out}: its directory does not exist")
     if args.out:
         _check_writable(Path(args.out), "--out")
+    if args.wandb:
+        check_out_dir(Path(args.wandb_dir), "--wandb-dir")  # else found only after the evaluation
+    elif args.wandb_dir != ".":
+        print("warning: --wandb-dir has no effect without --wandb", file=sys.stderr)
+    _warn_unread_task_flags(args, checked["tasks"])
     checked["device"] = check_device(args.device)
     if args.backend not in BACKENDS:
         raise ConfigError(f"--backend={args.backend}: choose from {', '.join(BACKENDS)}")
@@ -105,6 +111,20 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--backend=triton: the Triton kernels need a CUDA device (here --device "
                           f"{checked['device']}); use --backend auto or torch, or set TRITON_INTERPRET=1")
     return checked
+
+
+def _warn_unread_task_flags(args: argparse.Namespace, tasks: list[str]) -> None:
+    """A warning for each task flag given a value other than its default whose tasks are all left out of --tasks
+    (e.g. --recall-docs with --tasks ppl): it is checked, but nothing reads it."""
+    read = {task_flag.name for name in tasks for task_flag in TASKS[name].flags}
+    for task in TASKS.values():
+        for task_flag in task.flags:
+            dest = task_flag.name.lstrip("-").replace("-", "_")
+            if task_flag.name not in read and getattr(args, dest) != task_flag.options.get("default"):
+                readers = [n for n, t in TASKS.items() if task_flag in t.flags]
+                print(f"warning: {task_flag.name} has no effect: only the {' and '.join(readers)} task(s) read it, "
+                      f"and --tasks is {','.join(tasks)}", file=sys.stderr)
+                read.add(task_flag.name)
 
 
 def _check_writable(path: Path, flag: str) -> None:

@@ -251,3 +251,43 @@ def test_build_bundled_refuses_missing_inputs_and_bad_outputs_before_any_work(tm
     monkeypatch.setattr(build_bundled, "austen_docs", lambda *a: pytest.fail("work started before the check"))
     argv = [str(tmp_path) if a == "DIR" else a for a in argv]
     assert refused(capsys, build_bundled.main, argv).startswith(says.replace("DIR", str(tmp_path)))
+
+
+# ---------------------------------------------------------------- evaluate: W&B and the flags of tasks not asked
+
+def test_evaluate_refuses_an_unwritable_wandb_dir_before_loading(tmp_path, capsys):
+    from dsv4 import evaluate
+
+    line = refused(capsys, evaluate.main, [tmp_path / "nope", "--wandb", "--wandb-dir", UNWRITABLE])
+    assert line.startswith(f"--wandb-dir={UNWRITABLE}: cannot write in /proc"), line  # was after the evaluation
+    line = refused(capsys, evaluate.main, [tmp_path / "nope", "--wandb", "--wandb-dir", tmp_path / "w"])
+    assert "--wandb-dir" not in line and not (tmp_path / "w").exists()  # the model path is what is wrong; no dir made
+
+
+@pytest.mark.parametrize("argv, warning", [
+    (["--tasks", "ppl", "--recall-docs", "5"], "warning: --recall-docs has no effect: only the recall task(s) read "
+                                               "it, and --tasks is ppl"),
+    (["--tasks", "recall", "--batches", "2"], "warning: --batches has no effect: only the ppl and positions task(s)"),
+    (["--tasks", "ppl", "--passkey-depths", "0.5"], "warning: --passkey-depths has no effect"),
+    (["--wandb-dir", "somewhere"], "warning: --wandb-dir has no effect without --wandb"),
+])
+def test_evaluate_warns_about_flags_nothing_reads(tmp_path, capsys, argv, warning):
+    from dsv4 import evaluate
+
+    assert evaluate.main([str(tmp_path / "nope"), *argv, "--device", "cpu"]) == 2  # the warning comes first
+    err = capsys.readouterr().err
+    assert warning in err and err.count("warning") == 1 and err.index("warning") < err.index("error: path"), err
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tasks", "ppl,positions", "--batches", "2"],
+    ["--tasks", "recall", "--recall-docs", "5"],
+    ["--tasks", "ppl", "--recall-docs", "256"],  # the default, as if not given
+    ["--wandb", "--wandb-dir", "WANDB"],
+])
+def test_evaluate_does_not_warn_about_flags_that_are_read(tmp_path, capsys, argv):
+    from dsv4 import evaluate
+
+    argv = [str(tmp_path / "w") if a == "WANDB" else a for a in argv]
+    evaluate.main([str(tmp_path / "nope"), *argv, "--device", "cpu"])
+    assert "warning" not in capsys.readouterr().err
