@@ -12,7 +12,14 @@ from data_pipelines.packed import BUNDLED_TOKENIZER
 from data_pipelines.recall import RecallSpec, Symbols
 from dsv4 import build_model
 from dsv4.attention import AttentionOptions
-from dsv4.evaluation.recall import bucket_edges, no_pick_chance, recall_documents, score_recall, summarise
+from dsv4.evaluation.recall import (
+    bucket_edges,
+    no_pick_chance,
+    recall_documents,
+    score_recall,
+    set_guess,
+    summarise,
+)
 
 VOCAB = 4096
 
@@ -53,6 +60,52 @@ def test_a_reader_scores_one_and_a_blind_guesser_chance(tokenizer, task):
     blind = summarise(score_recall(_Reader(blind_value), docs, eos), window, reach, spec)
     assert blind["chance"] == 1 / 8
     assert abs(blind["accuracy"] - 1 / 8) < 0.04  # 1,200 answers: 4 standard deviations of 0.0095
+
+
+class _SetGuesser(torch.nn.Module):
+    """Knows each document's answers as a set and, at every answer, picks one of those not yet given at random:
+    what a model that learned the set but no key -> value binding does (MQAR's elimination plateau)."""
+
+    def __init__(self, docs) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.options = AttentionOptions()
+        self.docs = {tuple(d.ids): d for d in docs}
+        self.rng = torch.Generator().manual_seed(0)
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, VOCAB)
+        for row in range(ids.shape[0]):
+            doc = next(d for key, d in self.docs.items() if tuple(ids[row, :len(key)].tolist()) == key)
+            left = [doc.ids[a] for a in doc.answers]
+            for answer in doc.answers:
+                guess = left[int(torch.randint(len(left), (), generator=self.rng))]
+                logits[row, answer - 1, guess] = 1.0
+                left.remove(doc.ids[answer])
+        return logits + self.bias
+
+    def indexer_picks(self):
+        return {}
+
+
+def test_set_guess_is_the_chance_of_picking_among_the_answers_left():
+    assert [set_guess([5, 6, 5, 7], i) for i in range(4)] == [2 / 4, 1 / 3, 1 / 2, 1.0]
+
+
+def test_first_answer_separates_binding_from_guessing_within_the_set(tokenizer):
+    """A reader binds (first answer 1.0, every order 1.0); a set guesser scores what set_guess says: above chance
+    overall, rising with the order, at 1/items on the first answer."""
+    spec = RecallSpec(task="mqar", items=8, num_keys=32, num_values=16, gap=20)
+    docs = recall_documents(spec, tokenizer, 300, seed=5)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    oracle = summarise(score_recall(_Reader(), docs, eos), 16, 60, spec)
+    assert oracle["first_answer"]["accuracy"] == 1.0 and oracle["by_order"] == [1.0] * 8
+    guesser = summarise(score_recall(_SetGuesser(docs), docs, eos), 16, 60, spec)
+    first = guesser["first_answer"]
+    assert first["answers"] == 300 and 1 / 8 <= first["set_guesser"] < 0.2  # values repeat: a little above 1/8
+    assert abs(first["accuracy"] - first["set_guesser"]) < 0.08  # 300 answers: 4 standard deviations of 0.02
+    assert abs(guesser["accuracy"] - guesser["set_guesser"]) < 0.04  # 2,400 answers
+    assert guesser["accuracy"] > 3 * guesser["chance"] and guesser["by_order"][-1] == 1.0
 
 
 def test_distances_and_buckets_follow_the_documents(tokenizer):

@@ -92,9 +92,11 @@ def _score_batch(model, docs: list[TokenDocument], eos_id: int, device) -> list[
     ratio = CSA_RATIO  # CSA entry i pools groups i-1 and i
     out = []
     for row, doc in enumerate(docs):
-        for answer, source in zip(doc.answers, doc.sources):
+        answers = [doc.ids[a] for a in doc.answers]
+        for order, (answer, source) in enumerate(zip(doc.answers, doc.sources)):
             query = answer - 1
-            record = {"distance": query - source, "correct": bool(predictions[row, query] == doc.ids[answer])}
+            record = {"distance": query - source, "correct": bool(predictions[row, query] == doc.ids[answer]),
+                      "order": order, "set_guess": set_guess(answers, order)}
             visible = (query + 1) // ratio
             containing = [e for e in (source // ratio, source // ratio + 1) if e < visible]
             for layer, layer_picks in picks.items():
@@ -103,6 +105,15 @@ def _score_batch(model, docs: list[TokenDocument], eos_id: int, device) -> list[
                 record[f"chance{layer}"] = 1.0 - no_pick_chance(visible, len(containing), layer_picks.shape[-1])
             out.append(record)
     return out
+
+
+def set_guess(answers: list[int], order: int) -> float:
+    """The chance that a guesser who knows the document's answers as a set, but not which query gets which, is
+    right at answer `order`: it picks uniformly among the answers not yet given. A model that learned only the set
+    (and to leave out what was asked) scores this; only one that binds each answer to its query scores more, and the
+    first answer (nothing to leave out yet) shows it most plainly."""
+    left = answers[order:]
+    return left.count(answers[order]) / len(left)
 
 
 def summarise(records: list[dict[str, Any]], window: int, reach: int, spec: RecallSpec) -> dict[str, Any]:
@@ -118,6 +129,12 @@ def summarise(records: list[dict[str, Any]], window: int, reach: int, spec: Reca
             buckets.append({"name": bucket_name(lo, hi, window), "lo": lo, "hi": hi, "answers": len(inside),
                             "accuracy": _mean(r["correct"] for r in inside)})
     result["buckets"] = buckets
+    orders = sorted({r["order"] for r in records})
+    result["by_order"] = [_mean(r["correct"] for r in records if r["order"] == o) for o in orders]
+    first = [r for r in records if r["order"] == 0]
+    result["first_answer"] = {"answers": len(first), "accuracy": _mean(r["correct"] for r in first),
+                              "set_guesser": _mean(r["set_guess"] for r in first)}
+    result["set_guesser"] = _mean(r["set_guess"] for r in records)
     beyond = [r for r in records if r["distance"] > reach]
     result["beyond_reach"] = {"answers": len(beyond), "accuracy": _mean(r["correct"] for r in beyond)}
     layers = sorted({int(k[3:]) for r in records for k in r if k.startswith("hit")})

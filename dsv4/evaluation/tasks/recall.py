@@ -51,6 +51,12 @@ def format_result(r: dict[str, Any]) -> list[str]:
                      f"{percent(t['accuracy'])} | {reach}")
         lines.append("  | distance | answers | accuracy |")
         lines += [f"  | {b['name']} | {b['answers']} | {percent(b['accuracy'])} |" for b in t["buckets"]]
+        if "first_answer" in t and len(t["by_order"]) > 1:
+            f = t["first_answer"]
+            lines.append(f"  first answer of a document: {percent(f['accuracy'])} of {f['answers']} (a guesser that "
+                         f"knows only the set of answers: {percent(f['set_guesser'])}; over all answers "
+                         f"{percent(t['set_guesser'])}); by answer order: "
+                         + " ".join(percent(a) for a in t["by_order"]))
         for layer, h in t["indexer_hit_rate"].items():
             lines.append(f"  indexer hit rate, layer {layer}: {percent(h['hit_rate'])} "
                          f"(random picks: {percent(h['chance'])})")
