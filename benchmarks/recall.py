@@ -147,6 +147,9 @@ def summarise(runs: list[dict[str, Any]], variants: list[str]) -> list[dict[str,
                 "accuracy": mean_spread([t["accuracy"] for t in per_seed]),
                 "beyond_reach": mean_spread([t["beyond_reach"]["accuracy"] for t in per_seed]),
                 "buckets": {b: mean_spread([_bucket(t, b) for t in per_seed]) for b in bucket_names},
+                "first": mean_spread([t["first_answer"]["accuracy"] for t in per_seed if "first_answer" in t]),
+                "first_guess": mean_spread([t["first_answer"]["set_guesser"] for t in per_seed
+                                            if "first_answer" in t]),
                 "hit_rate": mean_spread([f["hits"][name]["hit_rate"] for f in finals if name in f["hits"]]),
                 "hit_chance": mean_spread([f["hits"][name]["chance"] for f in finals if name in f["hits"]]),
             }
@@ -174,7 +177,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         first = rows[0]["tasks"][name]
         buckets = list(first["buckets"])
         reach = next((r["tasks"][name]["reach"] for r in rows if r["tasks"][name]["reach"]), 0)  # dense has none
-        head = ["variant", "params", "LR", "all", *buckets, f"beyond reach (> {reach})",
+        guess = rows[0]["tasks"][name]["first_guess"][0]
+        first_head = f"first answer (set guesser {100 * guess:.1f})" if guess == guess else "first answer"
+        head = ["variant", "params", "LR", "all", *buckets, f"beyond reach (> {reach})", first_head,
                 "indexer hits (random)"]
         lines += [f"**{name}** (accuracy %, chance {100 * first['chance']:.1f}%)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -183,7 +188,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             hits = f"{_pm(t['hit_rate'])} ({_pm(t['hit_chance'])})" if t["hit_rate"][0] == t["hit_rate"][0] else "-"
             beyond = _pm(t["beyond_reach"]) if t["reach"] else "n/a (dense)"
             cells = [r["variant"], f"{r['params'] / 1e6:.3f}M", f"{r['lr']:g}", _pm(t["accuracy"]),
-                     *[_pm(t["buckets"][b]) for b in buckets], beyond, hits]
+                     *[_pm(t["buckets"][b]) for b in buckets], beyond, _pm(t["first"]), hits]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -198,6 +203,8 @@ def write_report(out: Path, rows: list[dict[str, Any]], runs: list[dict[str, Any
             f"{settings['run_time_s'][1]:.0f} s ({settings['parallel']} at a time). Accuracy of the greedy "
             f"answer on {settings['eval_docs']} held-out documents per task, by distance from the query to the token "
             "it recalls (in windows); 'beyond reach': farther than the stacked windows reach (layers x (W - 1)); "
+            "first answer: each document's first answer only, where a model that knows the set of answers but "
+            "binds none to its query (and leaves out those already given) scores the set guesser's rate; "
             "indexer hits: CSA top-k holding an entry that pooled the source (random top-k in brackets). "
             "Mean ± half the range over seeds.", "",
             markdown_table(rows), "",
