@@ -83,6 +83,10 @@ def test_harness_checks_tasks_and_model_args_before_lm_eval(monkeypatch, capsys,
     code, out, called = _harness(monkeypatch, capsys, ["--model", "dsv4", "--model_args", "path=/no/such/run",
                                                        "--tasks", "x"])
     assert code == 2 and not called and "path=/no/such/run" in out.err
+    # lm-eval's CLI passes its --device (default cuda:0) to every model: device= as well was a TypeError traceback
+    code, out, called = _harness(monkeypatch, capsys, ["--model", "dsv4", "--model_args",
+                                                       f"path={tmp_path},device=cpu", "--tasks", "x"])
+    assert code == 2 and not called and "--device cpu" in out.err and len(out.err.strip().splitlines()) == 1
 
 
 def test_harness_refuses_a_task_no_task_file_names_before_lm_eval_indexes_its_tasks(monkeypatch, capsys, tmp_path):

@@ -11,9 +11,11 @@ CLI runs (it reads no plugin entry points). In Python, `import dsv4.evaluation.h
 
 model_args: path (a run, checkpoint or export directory, loaded by dsv4.loading.load_model), max_length (default:
 the run's train.seq_len, else 2048; longer inputs keep their last tokens), device (cpu / cuda), dtype (float32 /
-bfloat16), backend (the attention backend), phase (CSA phase; default sparse). lm-eval's default device is cuda;
-without a GPU the backend says so and runs on the CPU. Any other model_arg, or a bad value (max_length=-1), is refused
-before the model is read: a ConfigError naming it (`python -m dsv4.evaluation.harness`: one line, exit code 2).
+bfloat16), backend (the attention backend), phase (CSA phase; default sparse). On the command line the device is
+lm-eval's own --device flag (it passes one to every model, default cuda:0; device= in --model_args is refused, naming
+the flag); without a GPU the backend says so and runs on the CPU. Any other model_arg, or a bad value
+(max_length=-1), is refused before the model is read: a ConfigError naming it (`python -m dsv4.evaluation.harness`:
+one line, exit code 2).
 
 Requests: loglikelihood (sum of the continuation's log-probabilities, and whether greedy decoding would produce it),
 loglikelihood_rolling (the whole text in disjoint windows of max_length, each with as much preceding context as
@@ -191,6 +193,9 @@ def precheck(argv: list[str]) -> None:
         if part.strip():
             key, _, value = part.partition("=")
             given[key.strip()] = value.strip()
+    if "device" in given:  # lm-eval's CLI always passes its --device (default cuda:0): both would reach the model
+        raise ConfigError(f"--model_args device={given['device']}: give the device with lm-eval's own flag, "
+                          f"--device {given['device'] or 'cpu'} (it passes one to every model)")
     known_args = {k: given.pop(k) for k in MODEL_ARGS if k in given}
     check_model_args(known_args.get("max_length"), known_args.get("device", "cpu"),
                      known_args.get("dtype", "float32"), known_args.get("backend", "auto"),
@@ -227,7 +232,7 @@ def _offline() -> bool:
 def main() -> None:
     if {"-h", "--help"} & set(sys.argv[1:]):
         print(__doc__.strip() + "\n\nlm-eval's options follow (every one applies; give --model dsv4 and "
-              "--model_args path=...,max_length=...,device=...,dtype=...,backend=...,phase=...).\n")
+              "--model_args path=...,max_length=...,dtype=...,backend=...,phase=... and the device with --device).\n")
         if sys.argv[1:] in (["-h"], ["--help"]):
             sys.argv[1:1] = ["run"]  # `run`'s options (the ones this command takes), not lm-eval's command list
     try:
