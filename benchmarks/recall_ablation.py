@@ -7,7 +7,7 @@
     python benchmarks/recall_ablation.py outputs/toy --toy                   # a few steps each (smoke test)
 
 Each ablation trains one small decoder (dsv4.build_model, hidden 128, 4 heads of 64, window 16) in this process with
-plain AdamW (LR 3e-3 unless an ablation says otherwise, warm-up 30 steps, cosine to 10%, weight decay 0.1 on
+plain AdamW (LR 3e-3 and warm-up 30 steps unless an ablation says otherwise, cosine to 10%, weight decay 0.1 on
 matrices, clip 1.0: the trainer's recipe) on freshly drawn recall documents (data_pipelines/recall.py, the recall
 tokenizer's symbols), one document per row, batch 32, and reports the greedy answer accuracy on 256 held-out
 documents every --eval-every steps.
@@ -53,7 +53,8 @@ class Ablation:
     task: dict[str, Any] = field(default_factory=lambda: dict(MQAR))
     loss: str = "answers"
     steps: int = 600
-    lr: float = 3e-3  # peak LR (warm-up 30 steps, then cosine to 10%)
+    lr: float = 3e-3  # peak LR (after the warm-up, cosine to 10%)
+    warmup: int = 30  # LR warm-up steps
     phase: str = "dense"
     zero_window_out: bool = False  # experiment option: layer 0's attention output zeroed and frozen
     freeze_window: bool = False  # experiment option: layer 0's attention frozen at initialisation
@@ -85,6 +86,7 @@ ABLATIONS = [
     Ablation("dense2", (-1, -1), "two dense layers (enough for induction)"),
     Ablation("dense2_all_tokens", (-1, -1), "two dense layers, loss on every token", loss="all", steps=2000),
     Ablation("dense4_long", (-1, -1, -1, -1), "four dense layers, 2,000 steps", steps=2000),
+    Ablation("window_csa_warmup120", (0, 4), "as window_csa, LR warm-up 120 steps instead of 30", warmup=120),
     Ablation("dense4_lr1e-3", (-1, -1, -1, -1), "four dense layers, peak LR 1e-3", lr=1e-3),
     Ablation("dense4_lr1e-2", (-1, -1, -1, -1), "four dense layers, peak LR 1e-2", lr=1e-2),
     Ablation("window_csa_long", (0, 4), "as window_csa, 2,000 steps", steps=2000),
@@ -93,7 +95,7 @@ ABLATIONS = [
 MODEL = dict(vocab_size=160, hidden_size=128, intermediate_size=384, num_attention_heads=4, head_dim=64,
              qk_rope_head_dim=16, q_lora_rank=64, o_groups=2, o_lora_rank=64, sliding_window=16, index_n_heads=4,
              index_head_dim=32, index_topk=8)
-BATCH, EVAL_DOCS, WARMUP = 32, 256, 30
+BATCH, EVAL_DOCS = 32, 256
 
 
 # ---------------------------------------------------------------- one ablation
@@ -136,9 +138,9 @@ def build(ablation: Ablation, seed: int):
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=ablation.lr, betas=(0.9, 0.95))
 
     def lr_factor(step: int) -> float:
-        if step < WARMUP:
-            return (step + 1) / WARMUP
-        progress = min(1.0, (step - WARMUP) / max(1, ablation.steps - WARMUP))
+        if step < ablation.warmup:
+            return (step + 1) / ablation.warmup
+        progress = min(1.0, (step - ablation.warmup) / max(1, ablation.steps - ablation.warmup))
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
     return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
