@@ -55,7 +55,6 @@ def handle_startup_signals(kind: str) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _exit_during_startup)
     kind, args = route(sys.argv[1:])
     handle_startup_signals(kind)
     if kind == "sweep":

@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dsv4.attention import V4Attention  # noqa: E402
+from dsv4.config import ConfigError  # noqa: E402
+from dsv4.export import check_out_file  # noqa: E402
 from dsv4.layer_kinds import KINDS  # noqa: E402
 from dsv4.ops.ranges import causal_ranges  # noqa: E402
 from dsv4.ops.v4_attention.naive import v4_attention_mask  # noqa: E402
@@ -154,20 +156,6 @@ def finished_runs(out: Path) -> list[Path]:
     return sorted(p.parent for p in (out / "runs").glob("*/summary.json") if not p.parent.name.endswith("-trial"))
 
 
-def check_writable(path: Path) -> str | None:
-    """None if `path` can be written (an existing file is left as it is, a new one removed again), else why not:
-    the results file is named before the ablations, not after them."""
-    existed = path.exists()
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        return f"cannot write this file ({e.strerror}); give a writable path"
-    if not existed:
-        path.unlink(missing_ok=True)
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/quality_ablation.py", description=__doc__.splitlines()[0])
     p.add_argument("out", help="the quality experiment's output directory")
@@ -184,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag) < 1:
             p.error(f"--{flag}={getattr(args, flag)}: must be >= 1")
     if args.json_out:
-        problem = check_writable(Path(args.json_out))
-        if problem:
-            p.error(f"--out={args.json_out}: {problem}")
+        try:
+            check_out_file(Path(args.json_out), "--out")
+        except ConfigError as e:
+            p.error(str(e))
     runs = finished_runs(Path(args.out))
     if not runs:
         p.error(f"{args.out}: no finished full run of the quality experiment (runs/*/summary.json); give the "

@@ -30,7 +30,7 @@ from data_pipelines import DataError
 from dsv4.config import ConfigError
 from dsv4.evaluation.data import run_settings
 from dsv4.evaluation.tasks import DEFAULT_TASKS, TASKS, EvalContext
-from dsv4.export import check_out_dir
+from dsv4.export import check_out_dir, check_out_file
 from dsv4.inference.generate import check_device
 from dsv4.loading import load_model
 from dsv4.ops.v4_attention import BACKENDS
@@ -98,7 +98,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.out and not Path(args.out).resolve().parent.is_dir():
         raise ConfigError(f"--out={args.out}: its directory does not exist")
     if args.out:
-        _check_writable(Path(args.out), "--out")
+        check_out_file(Path(args.out), "--out")
     if args.wandb:
         check_out_dir(Path(args.wandb_dir), "--wandb-dir")  # else found only after the evaluation
     elif args.wandb_dir != ".":
@@ -125,19 +125,6 @@ def _warn_unread_task_flags(args: argparse.Namespace, tasks: list[str]) -> None:
                 print(f"warning: {task_flag.name} has no effect: only the {' and '.join(readers)} task(s) read it, "
                       f"and --tasks is {','.join(tasks)}", file=sys.stderr)
                 read.add(task_flag.name)
-
-
-def _check_writable(path: Path, flag: str) -> None:
-    """Open `path` for append (an existing file is left as it is; a new one is removed again), so that a file that
-    cannot be written is named before the evaluation rather than after it."""
-    existed = path.exists()
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{flag}={path}: cannot write this file ({e.strerror}); give a writable path") from None
-    if not existed:
-        path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the tasks

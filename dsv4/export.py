@@ -65,6 +65,19 @@ def check_out_dir(out: Path, flag: str = "--out") -> None:
                           ) from None
 
 
+def check_out_file(path: Path, flag: str = "--out") -> None:
+    """Open `path` for append (an existing file is left as it is; a new one is removed again), so that a file that
+    cannot be written is named (ConfigError naming `flag`) before the work rather than after it."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag}={path}: cannot write this file ({e.strerror}); give a writable path") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
 FORMATS = ("dsv4", "hf")
 
 

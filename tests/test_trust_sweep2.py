@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dsv4.export import check_out_file
+
 ROOT = Path(__file__).resolve().parent.parent
 UNWRITABLE = "/proc/dsv4-trust-sweep2/x"  # nobody, root included, can create it
 
@@ -182,10 +184,10 @@ def test_quality_ablation_refuses_bad_flags_before_loading(tmp_path, capsys, mon
 
 
 def test_quality_ablation_out_probe_leaves_files_as_they_were(tmp_path, monkeypatch):
-    bench = script("quality_ablation")
+    """quality_ablation's --out (and evaluate's) go through check_out_file."""
     (tmp_path / "kept.json").write_text("earlier")
-    assert bench.check_writable(tmp_path / "kept.json") is None and (tmp_path / "kept.json").read_text() == "earlier"
-    assert bench.check_writable(tmp_path / "new.json") is None and not (tmp_path / "new.json").exists()
+    assert check_out_file(tmp_path / "kept.json") is None and (tmp_path / "kept.json").read_text() == "earlier"
+    assert check_out_file(tmp_path / "new.json") is None and not (tmp_path / "new.json").exists()
 
 
 @pytest.mark.parametrize("argv, says", [
